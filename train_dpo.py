@@ -1,0 +1,166 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the weak teacher pi_w on D_l (paper Eq. 4) and
+the student on weakly labeled (Eq. 6) or human-labeled D_u.
+
+    python train_dpo.py --teacher --run runs/demo
+    torchrun --nproc_per_node 2 train_dpo.py --student --labels weak --run runs/demo
+    python train_dpo.py --model out/sft --data pairs.jsonl --out out/dpo [--ref PATH | --reference-free]
+
+LoRA rank 8 by default (paper); --lora-rank 0 is a full fine-tune. The reference log-probs are computed
+once before the loop, with the same model (adapter disabled) or --ref: the reference never runs inside
+the loop and needs no second model in memory. Dropout is off in every forward (model.eval()), so the
+rewards are deterministic. Loss = mean over the pairs of the global batch.
+Output: a merged HF checkpoint in --out, the adapter in --out/adapter/ (PEFT layout), metrics.jsonl,
+train_config.json.
+"""
+import argparse
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import wlt
+
+
+def role_paths(args) -> dict:
+    run = args.run
+    if args.teacher:
+        return {"model": os.path.join(run, "teacher", "sft"), "data": os.path.join(run, "data", "labeled.jsonl"),
+                "out": os.path.join(run, "teacher", "dpo")}
+    labels = args.labels or "weak"
+    data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[labels]
+    return {"model": os.path.join(run, "student", "sft"), "data": os.path.join(run, "data", data),
+            "out": os.path.join(run, "student", f"dpo-{labels}")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    wlt.add_train_args(ap, "dpo")
+    d = ap.add_argument_group("DPO")
+    d.add_argument("--labels", choices=["weak", "human"], default=None,
+                   help="with --student --run: weak labels (data/weak.jsonl) or the human control (data/unlabeled.jsonl)")
+    d.add_argument("--beta", type=float, default=0.1, help="KL strength beta (paper: 0.1 HH-RLHF, 0.5 TL;DR)")
+    d.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid", help="DPO, IPO or SLiC hinge")
+    d.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate (sigmoid only)")
+    d.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (paper: 8); 0 = full fine-tune")
+    d.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (update scaled by alpha/rank)")
+    d.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (0: deterministic rewards)")
+    d.add_argument("--lora-targets", default=None, help="comma-separated module-name suffixes (default: per model family)")
+    d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
+    d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
+    args = wlt.resolve_train_args(ap, "train_dpo.py", role_paths)
+    if args.lr is None:
+        args.lr = 5e-5 if args.lora_rank > 0 else 5e-7
+    if args.student and args.run and not args.labels:
+        ap.error("--student needs --labels weak|human")
+    if wlt.already_done(args):
+        return
+
+    # ---- setup
+    targets = args.lora_targets.split(",") if args.lora_targets else None
+    model, tok, dev, keep = wlt.setup_model(args, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+    train, evals, stats = wlt.load_examples(args, tok, "dpo")
+    W = wlt.world_size()
+    micro = args.micro_batch_size or max(1, args.batch_size // W)
+    pad = wlt.pad_id(tok)
+    model.eval()  # no dropout anywhere in DPO: policy and reference rewards must be deterministic
+
+    def pair_logps(m, exs) -> torch.Tensor:
+        """[len(exs), 2]: summed response log-probs of (chosen, rejected), in one forward of 2B sequences."""
+        b = {k: v.to(dev) for k, v in wlt.collate_pairs(exs, pad).items()}
+        with wlt.autocast(dev, args.dtype):
+            lp = wlt.response_logps(m, **b)
+        return torch.stack(lp.chunk(2), dim=-1)
+
+    def reference(exs, desc):
+        """log pi_ref of every pair, once: the reference model, the adapter switched off, or zeros."""
+        if args.reference_free:
+            return torch.zeros(len(exs), 2)
+        ref_model = None
+        if args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
+            ref_model = wlt.load_model(args.ref, args.trust_remote_code).to(dev).eval()
+            if W > 1:
+                wlt.shard_model(ref_model, dev)
+        m = ref_model or model
+        with torch.no_grad(), wlt.lora_disabled(model):
+            out = wlt.sharded_map(len(exs), micro, lambda idx: pair_logps(m, [exs[i] for i in idx]))
+        wlt.log(f"reference log-probs of {len(exs)} {desc} pairs computed")
+        return out
+
+    ref_train = reference(train, "training")
+    ref_eval = reference(evals, "held-out") if evals else None
+    plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed)
+    params, opt, sched = wlt.build_optimizer(model, args, len(plan))
+
+    def metrics(pol: torch.Tensor, ref: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Summed (over pairs, weighted) loss, rewards/chosen, rewards/rejected, accuracies, margins,
+        logps/chosen, logps/rejected, and the pair count: [8]. Ties count as not accurate."""
+        losses, rc, rr = wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta,
+                                      args.loss_type, args.label_smoothing)
+        cols = [losses.detach(), rc, rr, (rc > rr).float(), rc - rr, pol[:, 0].detach(), pol[:, 1].detach(),
+                torch.ones_like(rc)]
+        return torch.stack([(c.float().cpu() * w.cpu()).sum() for c in cols])
+
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected"]
+
+    def averaged(sums: torch.Tensor) -> dict:
+        return {k: float(sums[i] / sums[-1]) for i, k in enumerate(names)}
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            pol = wlt.sharded_map(len(evals), micro, lambda idx: pair_logps(model, [evals[i] for i in idx]))
+        return {f"eval/{k}": v for k, v in averaged(metrics(pol, ref_eval, torch.ones(len(evals)))).items()}
+
+    # ---- loop
+    log = wlt.MetricsLog(args.out)
+    bar = tqdm(plan, desc="dpo", disable=wlt.rank() != 0)
+    t0, tokens = time.time(), 0
+    for step, batch in enumerate(bar):
+        mbs = wlt.micro_batches(batch, micro)
+        sums = torch.zeros(8)
+        for j, (idx, w) in enumerate(mbs):
+            if W > 1:
+                model.set_requires_gradient_sync(j == len(mbs) - 1)
+            exs = [train[i] for i in idx]
+            pol = pair_logps(model, exs)
+            ref = ref_train[idx].to(dev)
+            wts = torch.tensor(w, device=dev)
+            losses, _, _ = wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta,
+                                        args.loss_type, args.label_smoothing)
+            # mean over the global batch's pairs; x W because FSDP averages gradients over ranks
+            ((losses * wts).sum() * W / len(batch)).backward()
+            sums += metrics(pol, ref, wts)
+            tokens += sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e, x in zip(exs, w) if x)
+        grad_norm = wlt.clip_grads(params, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sums = wlt.all_reduce_sum(sums)  # every micro-batch of every rank
+        row = {"step": step + 1, **averaged(sums), "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}
+        if not torch.isfinite(torch.tensor(row["loss"])):
+            raise wlt.WltError(f"loss is {row['loss']} at step {step + 1}; stopping before anything is saved")
+        row["tokens/s"] = float(wlt.all_reduce_sum(torch.tensor([float(tokens)]))[0]) / max(1e-9, time.time() - t0)
+        if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
+            row.update(evaluate())
+        log.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+    log.close()
+
+    # ---- save: merged HF checkpoint + adapter/ (PEFT layout), gathered to rank 0
+    sd = wlt.full_state_dict(model)
+    if wlt.rank() == 0:
+        if args.lora_rank > 0:
+            merged, adapter = wlt.split_lora_state_dict(sd, model.wlt_lora)
+            wlt.save_hf_checkpoint(args.out, merged, model.config, tok, keep)
+            wlt.save_adapter(args.out, adapter, model.wlt_lora, os.path.abspath(args.model))
+        else:
+            wlt.save_hf_checkpoint(args.out, sd, model.config, tok, keep)
+        model.generation_config.save_pretrained(args.out)
+        wlt.log(f"saved {args.out}")
+    wlt.finish(args, stats)
+
+
+if __name__ == "__main__":
+    wlt.run_main(main)

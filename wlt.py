@@ -1,0 +1,1212 @@
+"""wlt: the library behind "Your Weak LLM is Secretly a Strong Teacher for Alignment" (Tao & Li, ICLR 2025).
+
+Everything the scripts share lives here, in the order a reader meets it in the pipeline:
+
+    1. small utilities (rank-0 logging, atomic writes, clear errors)
+    2. data: sources (HH-RLHF, TL;DR, pair .jsonl, the synthetic world), the HH dialogue split, reading pairs
+    3. tokenization and collation (one convention everywhere, see tokenize_pair)
+    4. the math: response_logps (the log-prob kernel), dpo_loss (DPO / cDPO / IPO / hinge), sft_loss
+    5. LoRA written in torch, its PEFT-compatible adapter files and the merge
+    6. model loading, devices, FSDP2 sharding and full-state-dict saving
+    7. the synthetic world (offline default): digits to sort, exact gold reward, Bradley-Terry "humans"
+    8. `python wlt.py prepare ...`: materialise a run's data splits and config.json
+
+Paper equations referred to below: Tao & Li (2025) Eq. 4 (teacher DPO on D_l), Eq. 5 (weak label reward
+r(x, y) = beta * log(pi_w(y|x) / pi_ref(y|x))), Eq. 6 (student DPO on weakly labeled D_u); Rafailov et al.
+(2023, "DPO") Eq. 5 (implicit reward) and Eq. 7 (the DPO loss).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # label value for positions that are not response tokens (prompt and padding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. utilities
+
+
+class WltError(Exception):
+    """A user-facing error: the scripts print its message on one line and exit 1, without a traceback."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def log(*args) -> None:
+    """Print on global rank 0 only (every rank runs the same script under torchrun)."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def run_main(main) -> None:
+    """Run a script's main(); a WltError becomes a one-line message and exit code 1."""
+    try:
+        main()
+    except WltError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write a file through `write_fn(tmp_path)` then rename, so a reader never sees a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+    atomic_write(path, w)
+
+
+def write_jsonl(path: str, rows) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, w)
+
+
+def open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: str):
+    """Yield (line_number, row) for each non-blank line; a malformed line is an error naming file:line."""
+    if not os.path.isfile(path):
+        raise WltError(f"{path}: no such file")
+    with open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise WltError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise WltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. data
+#
+# A pair is {"prompt": str, "chosen": str, "rejected": str}; chosen/rejected hold the responses only.
+# Rows that cannot be represented are skipped and counted (with file:line), or, with strict=True, raise.
+
+
+@dataclass
+class Skips:
+    """Counts of skipped rows by reason, with the first few locations of each, for the stage's summary."""
+    counts: dict = field(default_factory=dict)
+    where: dict = field(default_factory=dict)
+    strict: bool = False
+
+    def add(self, reason: str, loc: str) -> None:
+        if self.strict:
+            raise WltError(f"{loc}: {reason} (--strict turns skips into errors)")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.where.setdefault(reason, [])
+        if len(self.where[reason]) < 5:
+            self.where[reason].append(loc)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self, what: str) -> None:
+        for reason, n in self.counts.items():
+            log(f"{what}: skipped {n} row(s): {reason} (e.g. {', '.join(self.where[reason])})")
+
+    def as_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.where.items()}}
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two raw HH-RLHF dialogues into (prompt, chosen_response, rejected_response).
+
+    The prompt is the longest common prefix of the two dialogues, cut just after the last "\\n\\nAssistant:"
+    inside that prefix; the responses are the rest. So prompt + response reproduces each dialogue exactly,
+    even when a response itself contains further "Human:"/"Assistant:" turns (real rows do).
+    Raises ValueError when the dialogues are identical or share no "\\n\\nAssistant:".
+    """
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n - len(HH_ASSISTANT) + 1)  # marker must lie wholly inside the prefix
+    if cut < 0:
+        raise ValueError('no "\\n\\nAssistant:" in the shared prefix of the two dialogues')
+    cut += len(HH_ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def row_to_pair(row: dict, loc: str, skips: Skips) -> dict | None:
+    """Turn one source row into a pair, or count a skip. Layouts (detected per row):
+    {"prompt", "chosen", "rejected"}: pair form (the project's own, Dahoas/full-hh-rlhf, TL;DR);
+    {"chosen", "rejected"} without "prompt": raw HH-RLHF dialogues, split by split_hh."""
+    for k in ("chosen", "rejected"):
+        if k not in row:
+            skips.add(f'missing field "{k}"', loc)
+            return None
+        if not isinstance(row[k], str):
+            skips.add(f'field "{k}" is not a string', loc)
+            return None
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            skips.add('field "prompt" is not a string', loc)
+            return None
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        # TL;DR layout: responses start with "TL;DR:"; keep them on their own line after the post.
+        if chosen.startswith("TL;DR:") and prompt and not prompt[-1].isspace():
+            prompt += "\n"
+    else:
+        try:
+            prompt, chosen, rejected = split_hh(row["chosen"], row["rejected"])
+        except ValueError as e:
+            skips.add(f"HH dialogue cannot be split: {e}", loc)
+            return None
+    if chosen == rejected:
+        skips.add("chosen and rejected responses are identical", loc)
+        return None
+    if chosen == "" or rejected == "":
+        skips.add("empty response", loc)
+        return None
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for k, v in row.items():  # keep extra fields a producer added (e.g. rewards written by label.py)
+        if k not in pair and k not in ("response",):
+            pair[k] = v
+    return pair
+
+
+def read_pairs(path: str, skips: Skips | None = None) -> list[dict]:
+    """Read a pair file (.jsonl or .jsonl.gz, any layout row_to_pair accepts). Bad JSON is an error naming
+    file:line; unrepresentable rows are counted in `skips` (or raise under skips.strict)."""
+    skips = skips if skips is not None else Skips()
+    pairs = []
+    for i, row in iter_jsonl(path):
+        p = row_to_pair(row, f"{path}:{i}", skips)
+        if p is not None:
+            pairs.append(p)
+    return pairs
+
+
+def _local_source_files(path: str) -> dict[str, list[str]]:
+    """Files of a local source by split. A file: everything is 'train'. A folder: every train*/test* .jsonl
+    (.gz) or .parquet below it (e.g. the hub's harmless-base/, helpful-base/ ... layout)."""
+    exts = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+    if os.path.isfile(path):
+        return {"train": [path], "test": []}
+    if not os.path.isdir(path):
+        raise WltError(f"{path}: no such file or folder (sources: hh-rlhf, tldr, synthetic, or a local path)")
+    out = {"train": [], "test": []}
+    for root, _, files in sorted(os.walk(path)):
+        for fn in sorted(files):
+            if not fn.endswith(exts):
+                continue
+            split = "test" if fn.startswith("test") else "train" if fn.startswith("train") else None
+            if split:
+                out[split].append(os.path.join(root, fn))
+    if not out["train"] and not out["test"]:
+        raise WltError(f"{path}: no train*/test* .jsonl, .jsonl.gz or .parquet files in this folder")
+    return out
+
+
+def _file_rows(path: str):
+    """(line_number, row) pairs of a .jsonl(.gz) or .parquet file."""
+    if path.endswith(".parquet"):
+        import datasets  # pyarrow comes with it
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        for i, row in enumerate(ds, 1):
+            yield i, row
+    else:
+        yield from iter_jsonl(path)
+
+
+def load_source(src: str, skips: Skips) -> dict[str, list[dict]]:
+    """Load a preference source into {"train": [pairs], "test": [pairs]} (test may be empty).
+
+    src: "hh-rlhf" (hub Anthropic/hh-rlhf), "tldr" (hub CarperAI/openai_summarize_comparisons), or a local
+    file/folder in any of their layouts or in pair form. Folders with another schema are skipped with a
+    message (e.g. hh-rlhf's red-team-attempts). The synthetic world is generated elsewhere (make_world).
+    """
+    if src in ("hh-rlhf", "tldr") and not os.path.exists(src):
+        name = {"hh-rlhf": "Anthropic/hh-rlhf", "tldr": "CarperAI/openai_summarize_comparisons"}[src]
+        try:
+            import datasets
+            ds = datasets.load_dataset(name)
+        except Exception as e:  # offline, no access, ...
+            raise WltError(f"could not load {name} from the hub ({type(e).__name__}); "
+                           f"download it elsewhere and pass its local folder or file to --data") from None
+        out = {"train": [], "test": []}
+        for split, rows in ds.items():
+            key = "train" if split == "train" else "test" if split == "test" else None
+            if key is None:
+                continue
+            for i, row in enumerate(rows, 1):
+                p = row_to_pair(row, f"{name}/{split}:{i}", skips)
+                if p is not None:
+                    out[key].append(p)
+        return out
+    out = {"train": [], "test": []}
+    for split, files in _local_source_files(src).items():
+        for path in files:
+            rows = _file_rows(path)
+            first = next(rows, None)
+            if first is None:
+                log(f"{path}: empty file, nothing read")
+                continue
+            if not {"chosen", "rejected"} <= set(first[1]):
+                log(f"{path}: skipped, not a preference file (fields: {', '.join(sorted(first[1]))})")
+                continue
+            for i, row in _chain(first, rows):
+                p = row_to_pair(row, f"{path}:{i}", skips)
+                if p is not None:
+                    out[split].append(p)
+    return out
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. tokenization and collation
+#
+# prompt_ids   = tokenizer(prompt).input_ids                (the tokenizer's own special tokens, e.g. BOS)
+# response_ids = tokenizer(prompt + response).input_ids[len(prompt_ids):] + [eos]   when prompt_ids is a
+#                prefix of the joint tokenization (the usual case), else
+#                tokenizer(response, add_special_tokens=False).input_ids + [eos]   (counted as a fallback).
+# Joint first because SentencePiece tokenizers prepend a space marker to a text tokenized alone.
+
+
+def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokenize") -> tuple[list[dict], int]:
+    """Tokenize pairs with the convention above. Returns ([{"prompt_ids", "chosen_ids", "rejected_ids"}],
+    number of responses that needed the fallback). Response ids include the EOS id; a response with no token
+    before EOS gets an empty list (the caller skips it)."""
+    eos = tok.eos_token_id
+    if eos is None:
+        raise WltError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one")
+    out, fallbacks = [], 0
+    from tqdm import tqdm
+    for s in tqdm(range(0, len(pairs), batch), desc=desc, disable=rank() != 0 or len(pairs) < 4 * batch):
+        chunk = pairs[s:s + batch]
+        p_ids = tok([p["prompt"] for p in chunk]).input_ids
+        enc = {}
+        for k in ("chosen", "rejected"):
+            enc[k] = tok([p["prompt"] + p[k] for p in chunk]).input_ids
+        for j, p in enumerate(chunk):
+            row = {"prompt_ids": list(p_ids[j])}
+            for k in ("chosen", "rejected"):
+                joint = enc[k][j]
+                n = len(p_ids[j])
+                if joint[:n] == p_ids[j]:
+                    r = list(joint[n:])
+                else:
+                    fallbacks += 1
+                    r = tok(p[k], add_special_tokens=False).input_ids
+                row[f"{k}_ids"] = r + [eos] if r else []
+            out.append(row)
+    return out, fallbacks
+
+
+def fit_pair(ex: dict, max_len: int) -> dict | None:
+    """Fit a tokenized pair into max_len: prompt tokens are dropped from the left, never response tokens.
+    Returns None when a response alone leaves no room for at least one prompt token."""
+    longest = max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+    room = max_len - longest
+    if room < 1:
+        return None
+    if len(ex["prompt_ids"]) > room:
+        ex = dict(ex, prompt_ids=ex["prompt_ids"][-room:])
+    return ex
+
+
+def pad_id(tok) -> int:
+    for t in (tok.pad_token_id, tok.eos_token_id, 0):
+        if t is not None:
+            return t
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt_ids, response_ids) sequences into input_ids / attention_mask / labels [B, T].
+    labels = input_ids on response tokens and IGNORE (-100) on prompt and padding."""
+    T = max(len(p) + len(r) for p, r in seqs)
+    B = len(seqs)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(exs: list[dict], pad: int) -> dict[str, torch.Tensor]:
+    """A DPO batch: chosen sequences then rejected sequences, [2B, T], so both go through one forward."""
+    seqs = [(e["prompt_ids"], e["chosen_ids"]) for e in exs] + [(e["prompt_ids"], e["rejected_ids"]) for e in exs]
+    return collate(seqs, pad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. the math
+
+
+def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token | everything before it) over the response tokens of each sequence.
+
+    input_ids, attention_mask, labels: [B, T] (labels = IGNORE on prompt and padding). Returns [B] fp32.
+    This is log pi(y|x) in DPO Eq. 7 and in the weak-label reward of Eq. 5 (Tao & Li): no length
+    normalisation, EOS included. Log-softmax runs in fp32 whatever the model's dtype (fp16/bf16 log-probs
+    lose precision over hundreds of tokens).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
+    logits = logits[:, :-1].float()              # position t predicts token t+1
+    targets = labels[:, 1:]                      # [B, T-1]
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    tok_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (tok_logp * mask).sum(-1)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preference losses on summed response log-probs. All inputs [B]; returns (losses [B],
+    chosen_rewards [B], rejected_rewards [B]); rewards are detached.
+
+    Implicit reward (DPO Eq. 5; Tao & Li Eq. 5):  r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)).
+    h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))   (so r_w - r_l = beta * h)
+
+    sigmoid (DPO Eq. 7; Tao & Li Eq. 4 and 6):  -log sigmoid(beta h)
+        with label_smoothing eps (conservative DPO, labels flipped with probability eps):
+        -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    ipo (Azar et al. 2023, Eq. 17):            (h - 1 / (2 beta))^2
+    hinge (SLiC-HF, Zhao et al. 2023):         max(0, 1 - beta h)
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r} (sigmoid, ipo, hinge)")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sft_loss(logps: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+    """SFT loss: summed response-token NLL divided by the number of response tokens of the *global* batch.
+    logps: [B] summed response log-probs (response_logps) of this micro-batch; num_tokens: response tokens
+    in the whole global batch, so that micro-batches and ranks add up to the plain token mean."""
+    return -logps.sum() / num_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with B zero-initialised so a fresh adapter == base.
+
+# Default target modules per model family (config.model_type), matched by name suffix as PEFT does:
+# every linear map of attention and MLP ("all-linear"), the output head and embeddings excluded.
+LORA_TARGETS = {
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D: weights stored transposed (fan_in_fan_out)
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
+}
+for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2"):
+    LORA_TARGETS[_t] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoRALinear(nn.Module):
+    """A linear layer (nn.Linear, or GPT-2's transposed Conv1D) plus a low-rank update.
+
+    y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T,   A: [rank, in], B: [out, rank], B = 0 at init.
+    The base `weight` and `bias` are the original Parameters, kept under their original names so the
+    model's state dict keeps its HF keys; the adapter adds `<path>.lora_A.weight` / `<path>.lora_B.weight`.
+    `disabled = True` turns the update off: the same module then computes the base layer (pi_ref).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # transformers' Conv1D: weight is [in, out]
+        self.weight = base.weight
+        self.bias = base.bias
+        in_f, out_f = (self.weight.shape if self.fan_in_fan_out else self.weight.shape[::-1])
+        self.in_features, self.out_features = in_f, out_f
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_A = nn.Linear(in_f, rank, bias=False, device=self.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, out_f, bias=False, device=self.weight.device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+        self.reset_lora()
+
+    def reset_lora(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own default init
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
+        y = F.linear(x, w, self.bias)
+        if self.disabled:
+            return y
+        a, b = self.lora_A.weight, self.lora_B.weight
+        update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scaling
+        return y + update.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """The weight update of a LoRA pair, in the base weight's layout: scaling * B @ A ([out, in]), transposed
+    for Conv1D ([in, out])."""
+    d = (lora_B.float() @ lora_A.float()) * scaling
+    return d.t() if fan_in_fan_out else d
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets: list[str] | None = None):
+    """Replace the target linear layers of `model` by LoRALinear, freeze everything else. Returns the model.
+
+    targets: module-name suffixes (PEFT's matching rule); default LORA_TARGETS[config.model_type].
+    The adapter settings are recorded on the model (model.wlt_lora) for saving and merging.
+    Seed identically on every rank before calling it: A is random, and FSDP2 does not broadcast weights.
+    """
+    from transformers.pytorch_utils import Conv1D
+    if targets is None:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        if mt not in LORA_TARGETS:
+            raise WltError(f"no default LoRA targets for model type {mt!r}; pass --lora-targets "
+                           f"(known: {', '.join(sorted(LORA_TARGETS))})")
+        targets = LORA_TARGETS[mt]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
+        replaced.append(name)
+    if not replaced:
+        raise WltError(f"LoRA targets {targets} match no linear layer of this model")
+    fan = {isinstance(model.get_submodule(n), LoRALinear) and model.get_submodule(n).fan_in_fan_out for n in replaced}
+    model.wlt_lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
+                      "fan_in_fan_out": True in fan, "modules": replaced}
+    return model
+
+
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Within this block every LoRALinear computes its base layer only: the same model acts as pi_ref."""
+    mods = lora_modules(model)
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain layer back (nn.Linear or Conv1D), in place.
+    Returns the model, now a plain HF model with the adapter's effect built in."""
+    from transformers.pytorch_utils import Conv1D
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoRALinear):
+            continue
+        w = module.weight
+        w += lora_delta(module.lora_A.weight, module.lora_B.weight, module.scaling, module.fan_in_fan_out).to(w.dtype)
+        if module.fan_in_fan_out:
+            plain = Conv1D(module.out_features, module.in_features)
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        plain.weight = w
+        plain.bias = module.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    if hasattr(model, "wlt_lora"):
+        del model.wlt_lora
+    return model
+
+
+def split_lora_state_dict(sd: dict, lora_cfg: dict) -> tuple[dict, dict]:
+    """Split a full state dict of a LoRA model into (merged base state dict, PEFT adapter state dict).
+    The adapter keys follow PEFT's on-disk layout: base_model.model.<module path>.lora_A.weight."""
+    merged, adapter = {}, {}
+    scaling = lora_cfg["lora_alpha"] / lora_cfg["r"]
+    for k, v in sd.items():
+        if ".lora_A." in k or ".lora_B." in k:
+            adapter["base_model.model." + k] = v.contiguous()
+        else:
+            merged[k] = v
+    for path in lora_cfg["modules"]:
+        a, b = sd[f"{path}.lora_A.weight"], sd[f"{path}.lora_B.weight"]
+        w = merged[f"{path}.weight"]
+        fan = tuple(w.shape) != (b.shape[0], a.shape[1])
+        merged[f"{path}.weight"] = (w.float() + lora_delta(a, b, scaling, fan)).to(w.dtype)
+    return merged, adapter
+
+
+def save_adapter(out_dir: str, adapter_sd: dict, lora_cfg: dict, base_model: str) -> None:
+    """Write adapter/adapter_config.json + adapter/adapter_model.safetensors in the layout PEFT reads."""
+    from safetensors.torch import save_file
+    d = os.path.join(out_dir, "adapter")
+    os.makedirs(d, exist_ok=True)
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": lora_cfg["r"], "lora_alpha": lora_cfg["lora_alpha"], "lora_dropout": lora_cfg["lora_dropout"],
+        "target_modules": lora_cfg["target_modules"], "fan_in_fan_out": lora_cfg["fan_in_fan_out"],
+        "bias": "none", "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    atomic_write(os.path.join(d, "adapter_model.safetensors"),
+                 lambda tmp: save_file({k: v.contiguous() for k, v in adapter_sd.items()}, tmp,
+                                       metadata={"format": "pt"}))
+    write_json(os.path.join(d, "adapter_config.json"), cfg)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Put a saved adapter (PEFT layout) on a base model: add_lora with its settings, then load A and B."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise WltError(f"{adapter_dir}: no adapter_config.json")
+    cfg = json.load(open(cfg_path))
+    add_lora(model, cfg["r"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
+    sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    own = {k[len("base_model.model."):]: v for k, v in sd.items()}
+    missing = [k for k, _ in model.named_parameters() if ("lora_A" in k or "lora_B" in k) and k not in own]
+    if missing:
+        raise WltError(f"{adapter_dir}: adapter does not fit this model (missing {missing[0]} ...)")
+    model.load_state_dict(own, strict=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. models, devices, FSDP2
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def autocast(dev: torch.device, dtype: str = "auto"):
+    """bf16 autocast on CUDA (the default there), plain fp32 on CPU: bf16 matmuls on CPU are ~300x slower."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
+    if use_bf16:
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_model_dir(path: str) -> None:
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if "config.json" not in names:
+            raise WltError(f"{path}: not a model folder (no config.json)")
+        if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
+            raise WltError(f"{path}: model folder without weights (no *.safetensors)")
+
+
+def load_model(path: str, trust_remote_code: bool = False):
+    """Load a causal LM in fp32 (master weights; bf16 compute comes from autocast / FSDP mixed precision)."""
+    from transformers import AutoModelForCausalLM
+    check_model_dir(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise WltError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise WltError(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python` run is one process."""
+    if world_size() > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device())
+        torch.distributed.init_process_group(backend)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the longest nn.ModuleList whose children share one class."""
+    best = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    return best
+
+
+def shard_model(model: nn.Module, dev: torch.device) -> nn.Module:
+    """FSDP2: one fully_shard unit per transformer block plus the root. bf16 parameters with fp32 gradient
+    reduction on CUDA; plain fp32 on CPU. Call after every rank built identical weights (same seed)."""
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state dict on CPU, on rank 0 (other ranks get {}). Under FSDP2 this is a collective:
+    every rank must call it."""
+    if world_size() > 1:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if rank() == 0 else {}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def unique_state_keys(model: nn.Module) -> set:
+    """State-dict keys without tied duplicates (e.g. lm_head.weight tied to the input embedding)."""
+    keys = {n for n, _ in model.named_parameters()}
+    keys |= {n for n, _ in model.named_buffers()}
+    return keys
+
+
+def save_hf_checkpoint(out_dir: str, sd: dict, config, tokenizer, keep: set | None = None) -> None:
+    """Write an HF checkpoint (config.json, model.safetensors, tokenizer) from a full state dict, atomically
+    per file. `keep` drops tied duplicates (unique_state_keys of the unsharded model)."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if keep is None or k in keep}
+    atomic_write(os.path.join(out_dir, "model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6b. what both trainers share: flags, --run resolution, data, batch plan, optimizer, metrics
+
+
+def add_train_args(ap: argparse.ArgumentParser, kind: str) -> None:
+    """Flags common to train_sft.py and train_dpo.py (names fixed by DESIGN.md)."""
+    g = ap.add_argument_group("what to train (either a role with --run, or explicit paths)")
+    role = g.add_mutually_exclusive_group()
+    role.add_argument("--teacher", action="store_true", help="the weak teacher (small model) of the run")
+    role.add_argument("--student", action="store_true", help="the student (bigger model) of the run")
+    g.add_argument("--run", default=None, help="run directory made by `wlt.py prepare`; gives model, data, out and defaults")
+    g.add_argument("--model", default=None, help="HF model name or folder to start from")
+    g.add_argument("--data", default=None, help="pair file (.jsonl: prompt, chosen, rejected)")
+    g.add_argument("--out", default=None, help="output folder (HF checkpoint, metrics.jsonl, train_config.json)")
+    t = ap.add_argument_group("optimisation")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: SFT 2e-5; DPO 5e-5 with LoRA, 5e-7 full; --run: config.json)")
+    t.add_argument("--epochs", type=int, default=1, help="passes over the data (paper: 1)")
+    t.add_argument("--batch-size", type=int, default=32 if kind == "sft" else 16,
+                   help="global batch in %s over all ranks (paper: SFT 32, DPO 16)" % ("sequences" if kind == "sft" else "pairs"))
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help="per-rank micro-batch; gradients accumulate up to --batch-size (default: no accumulation)")
+    t.add_argument("--max-len", type=int, default=512, help="tokens per sequence; longer prompts lose tokens from the left")
+    t.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps, then cosine to 0")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    t.add_argument("--seed", type=int, default=0, help="seed of data order and LoRA init (same on every rank)")
+    o = ap.add_argument_group("bookkeeping")
+    o.add_argument("--eval-pairs", type=int, default=64, help="held-out slice of the data, excluded from training (0: none)")
+    o.add_argument("--eval-every", type=int, default=50, help="evaluate the held-out slice every N steps (and at the end)")
+    o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU")
+    o.add_argument("--resume", action="store_true",
+                   help="if --out already holds a finished run with the same settings, exit without training "
+                        "(mid-run checkpoints: see README, 'Status')")
+    o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
+    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+
+
+def resolve_train_args(ap: argparse.ArgumentParser, script: str, role_paths) -> argparse.Namespace:
+    """Parse flags; with --run, fill model/data/out from the role and defaults from runs/NAME/config.json.
+    Explicit flags always win. role_paths(args) -> dict of model/data/out for the chosen role."""
+    args, _ = ap.parse_known_args()
+    if args.run:
+        if not (args.teacher or args.student):
+            ap.error("--run needs --teacher or --student")
+        role = "teacher" if args.teacher else "student"
+        d = run_defaults(args.run, script, role)
+        d.update(role_paths(args))
+        ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
+    args = ap.parse_args()
+    for k in ("model", "data", "out"):
+        if getattr(args, k) is None:
+            ap.error(f"--{k} is required (or use --teacher/--student with --run)")
+    return args
+
+
+def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
+    """Read and tokenize the pair file; fit to --max-len; carve the held-out slice. Returns (train, eval,
+    stats). Skipped rows are counted (or fatal under --strict) and reported."""
+    skips = Skips(strict=args.strict)
+    pairs = read_pairs(args.data, skips)
+    if not pairs:
+        raise WltError(f"{args.data}: no usable pairs")
+    exs, fallbacks = tokenize_pairs(tok, pairs)
+    kept = []
+    for i, e in enumerate(exs):
+        need = ("chosen_ids",) if kind == "sft" else ("chosen_ids", "rejected_ids")
+        if any(not e[k] for k in need):
+            skips.add("a response has no tokens", f"{args.data} pair {i + 1}")
+            continue
+        if kind == "sft":
+            e = dict(e, rejected_ids=[])
+        f = fit_pair(e, args.max_len)
+        if f is None:
+            skips.add(f"a response alone does not fit --max-len {args.max_len}", f"{args.data} pair {i + 1}")
+            continue
+        kept.append(f)
+    skips.report(args.data)
+    order = list(range(len(kept)))
+    random.Random(args.seed).shuffle(order)
+    n_eval = min(args.eval_pairs, len(kept) // 10)
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(kept) if i not in held]
+    evals = [kept[i] for i in sorted(held)]
+    stats = {"rows": len(pairs) + skips.total(), "pairs": len(kept), "train": len(train), "eval": len(evals),
+             "tokenizer_fallbacks": fallbacks, "skipped": skips.as_dict()}
+    log(f"{args.data}: {len(train)} training, {len(evals)} held-out"
+        + (f", {skips.total()} skipped" if skips.total() else ""))
+    if not train:
+        raise WltError(f"{args.data}: nothing left to train on")
+    return train, evals, stats
+
+
+def batch_plan(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Global batches of example indices: a fresh seeded permutation per epoch; the last batch of an
+    epoch may be smaller (every example is used, none twice)."""
+    plan = []
+    for ep in range(epochs):
+        order = list(range(n))
+        random.Random(seed * 1000 + ep).shuffle(order)
+        plan += [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    return plan
+
+
+def micro_batches(batch: list[int], micro: int) -> list[tuple[list[int], list[float]]]:
+    """This rank's share of a global batch (items rank::world_size), cut into micro-batches.
+
+    Every rank gets the same number of micro-batches (FSDP collectives run in every forward); a rank short
+    of items pads with a copy of the batch's first item at weight 0, which adds nothing to loss or metrics.
+    Returns [(indices, weights)]."""
+    W, r = world_size(), rank()
+    mine = batch[r::W]
+    steps = max(1, math.ceil(math.ceil(len(batch) / W) / micro))
+    out = []
+    for j in range(steps):
+        idx = mine[j * micro:(j + 1) * micro]
+        w = [1.0] * len(idx)
+        if not idx:
+            idx, w = [batch[0]], [0.0]
+        out.append((idx, w))
+    return out
+
+
+def sharded_map(n: int, micro: int, fn) -> torch.Tensor:
+    """Evaluate fn(indices) -> Tensor[len(indices), k] for items 0..n-1, split over ranks, result on every
+    rank as Tensor[n, k] in item order. Ranks run the same number of calls (padding with item 0)."""
+    W, r = world_size(), rank()
+    per = math.ceil(n / W)
+    mine = list(range(r, n, W))
+    mine += [0] * (per - len(mine))
+    parts = [fn(mine[s:s + micro]).float().cpu() for s in range(0, per, micro)]
+    local = torch.cat(parts) if parts else torch.zeros(0, 1)
+    if W == 1:
+        return local[:n]
+    dev = device() if torch.cuda.is_available() else torch.device("cpu")
+    gathered = [torch.empty_like(local, device=dev) for _ in range(W)]
+    torch.distributed.all_gather(gathered, local.to(dev))
+    full = torch.stack([g.cpu() for g in gathered], dim=1).reshape(W * per, -1)  # row r + W*j
+    return full[:n]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: nn.Module, args, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
+    return params, opt, sched
+
+
+def clip_grads(params, max_norm: float) -> float:
+    if max_norm <= 0:
+        return float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+class MetricsLog:
+    """metrics.jsonl in the output folder, written by rank 0 only, one JSON object per line."""
+
+    def __init__(self, out_dir: str):
+        self.f = None
+        if rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            self.f = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+
+    def write(self, row: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout: float = 0.0, lora_targets=None):
+    """Every rank: same seed, same weights (FSDP2 does not broadcast), optional LoRA, then shard.
+    Returns (model, tokenizer, device, keep) where keep = state-dict keys without tied duplicates."""
+    init_distributed()
+    dev = device()
+    set_seed(args.seed)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_model(args.model, args.trust_remote_code)
+    if lora_rank > 0:
+        set_seed(args.seed)
+        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+    keep = unique_state_keys(model)
+    model.to(dev)
+    if world_size() > 1:
+        shard_model(model, dev)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model {args.model}: {n_all * (world_size() if world_size() > 1 else 1) / 1e6:.2f}M parameters, "
+        f"{n_train * (world_size() if world_size() > 1 else 1) / 1e6:.3f}M trainable, device {dev}, {world_size()} process(es)")
+    return model, tok, dev, keep
+
+
+def finish(args, stats: dict) -> None:
+    """Last write of a training run: the resolved config (its presence marks a complete output)."""
+    if rank() == 0:
+        write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats})
+    barrier()
+
+
+def already_done(args) -> bool:
+    """--resume on a folder holding a finished run with the same settings: nothing to do."""
+    path = os.path.join(args.out, "train_config.json")
+    if not (args.resume and os.path.isfile(path)):
+        return False
+    prev = json.load(open(path)).get("args", {})
+    same = all(prev.get(k) == v for k, v in vars(args).items() if k != "resume")
+    if same:
+        log(f"{args.out}: finished run with the same settings found; nothing to do (--resume)")
+    return same
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. the synthetic world: sort a short list of digits.
+#
+# Prompt "sort: 7 3 9 1 =>", ideal response " 1 3 7 9". Candidate responses are the sorted list with 0-4
+# corruptions that keep the length (adjacent swap, digit replace). The gold reward is exact: the fraction of
+# positions equal to the sorted list, minus 0.1 per missing or extra item. "Human" labels follow a
+# Bradley-Terry model of the gold margin, P(prefer a) = sigmoid((gold_a - gold_b) / tau), so humans err
+# mostly on close pairs, as the paper finds for real annotators.
+
+SYN_DEFAULTS = {"num_pairs": 10000, "num_test": 1000, "tau": 0.3, "min_digits": 3, "max_digits": 6,
+                "max_corruptions": 4}
+SYN_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+SYN_TEACHER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
+SYN_STUDENT = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
+
+
+def syn_digits(prompt: str) -> list[str]:
+    return prompt.replace("sort:", "").replace("=>", "").split()
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """Exact gold reward of the synthetic world: fraction of positions equal to the sorted prompt digits,
+    minus 0.1 per missing or extra item (EOS and anything after it are not part of `response`)."""
+    target = sorted(syn_digits(prompt))
+    got = response.split()
+    right = sum(1 for a, b in zip(got, target) if a == b)
+    return right / len(target) - 0.1 * abs(len(got) - len(target))
+
+
+def _corrupt(rng: random.Random, xs: list[str], k: int) -> list[str]:
+    xs = list(xs)
+    for _ in range(k):
+        i = rng.randrange(len(xs))
+        if rng.random() < 0.5 and len(xs) > 1:
+            j = i + 1 if i + 1 < len(xs) else i - 1
+            xs[i], xs[j] = xs[j], xs[i]
+        else:
+            xs[i] = rng.choice([d for d in "0123456789" if d != xs[i]])
+    return xs
+
+
+def make_synthetic_pairs(n: int, seed: int, tau: float = 0.3, min_digits: int = 3, max_digits: int = 6,
+                         max_corruptions: int = 4) -> list[dict]:
+    """n synthetic pairs with "human" (Bradley-Terry) labels. Each row also records gold_chosen/gold_rejected
+    (exact) for the analysis; training uses prompt/chosen/rejected only."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        xs = [str(rng.randrange(10)) for _ in range(rng.randint(min_digits, max_digits))]
+        prompt = "sort: " + " ".join(xs) + " =>"
+        target = sorted(xs)
+        a = " " + " ".join(_corrupt(rng, target, rng.randint(0, max_corruptions)))
+        b = " " + " ".join(_corrupt(rng, target, rng.randint(0, max_corruptions)))
+        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+        if ga == gb:  # equal gold: no right answer to label; draw again
+            continue
+        p_a = 1 / (1 + math.exp(-(ga - gb) / tau))
+        if rng.random() < p_a:
+            rows.append({"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": ga, "gold_rejected": gb})
+        else:
+            rows.append({"prompt": prompt, "chosen": b, "rejected": a, "gold_chosen": gb, "gold_rejected": ga})
+    return rows
+
+
+def make_synthetic_tokenizer():
+    """A word-level tokenizer over the world's words, with BOS prepended (its "own special tokens")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(SYN_SPECIALS + ["sort:", "=>"] + list("0123456789"))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def make_synthetic_model(tok, shape: dict, seed: int, out_dir: str) -> None:
+    """A tiny randomly initialised Llama-architecture causal LM, saved in the standard HF layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                      **shape)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. prepare: materialise a run's data splits and its config.json
+
+# Defaults per source: the paper's for real data (appendix A), the calibrated ones for the synthetic world.
+# The paper's learning rates were lost; these are common practice (README, "Defaults").
+PAPER_DEFAULTS = {
+    "teacher_model": "facebook/opt-125m", "student_model": "facebook/opt-1.3b", "beta": 0.1,
+    "sft": {"lr": 2e-5, "epochs": 1, "batch_size": 32}, "dpo": {"lr": 5e-5, "epochs": 1, "batch_size": 16},
+}
+SYNTHETIC_DEFAULTS = {
+    "beta": 0.5, "labeled_fraction": 0.2,
+    "sft": {"lr": 3e-3, "epochs": 4, "batch_size": 32},
+    "sft_student": {"lr": 3e-3, "epochs": 8, "batch_size": 32},
+    "dpo": {"lr": 1e-3, "epochs": 1, "batch_size": 16},
+}
+
+
+def run_defaults(run_dir: str, script: str, role: str) -> dict:
+    """Defaults for a trainer in --run mode, from runs/NAME/config.json (explicit flags override them)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise WltError(f"{path}: no such file; run `python wlt.py prepare --out {run_dir} ...` first")
+    cfg = json.load(open(path))
+    d = dict(cfg["train"][script].get(role, {}))
+    return d
+
+
+def _permute_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A tokenizer-free seeded permutation: the first `fraction` of it goes to the first part."""
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    k = round(fraction * len(rows))
+    return [rows[i] for i in sorted(idx[:k])], [rows[i] for i in sorted(idx[k:])]
+
+
+def length_filter(tok, pairs: list[dict], max_len: int, skips: Skips, part: str) -> list[dict]:
+    """Keep pairs with len(prompt_ids) + len(longer response ids) <= max_len; count the rest."""
+    toks, fallbacks = tokenize_pairs(tok, pairs, desc=f"length filter ({part})")
+    kept = []
+    for p, t in zip(pairs, toks):
+        if not t["chosen_ids"] or not t["rejected_ids"]:
+            skips.add("a response has no tokens", f"{part}")
+            continue
+        if len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) > max_len:
+            skips.counts[f"longer than --max-len {max_len}"] = skips.counts.get(f"longer than --max-len {max_len}", 0) + 1
+            continue
+        kept.append(p)
+    if fallbacks:
+        log(f"{part}: {fallbacks} response(s) tokenized alone (prompt ids not a prefix of the joint ids)")
+    return kept
+
+
+def prepare(args) -> dict:
+    out = args.out
+    data_dir = os.path.join(out, "data")
+    skips = Skips(strict=args.strict)
+    syn = args.data == "synthetic"
+    defaults = SYNTHETIC_DEFAULTS if syn else PAPER_DEFAULTS
+    labeled_fraction = args.labeled_fraction if args.labeled_fraction is not None else defaults.get("labeled_fraction", 0.5)
+    beta = args.beta if args.beta is not None else defaults["beta"]
+    world = None
+    if syn:
+        world = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in SYN_DEFAULTS.items()}
+        models_dir = os.path.join(out, "models")
+        tok = make_synthetic_tokenizer()
+        teacher = args.teacher_model or os.path.join(models_dir, "teacher-base")
+        student = args.student_model or os.path.join(models_dir, "student-base")
+        if not args.teacher_model:
+            make_synthetic_model(tok, SYN_TEACHER, args.seed, teacher)
+        if not args.student_model:
+            make_synthetic_model(tok, SYN_STUDENT, args.seed + 1, student)
+        wargs = {k: world[k] for k in ("tau", "min_digits", "max_digits", "max_corruptions")}
+        source = {"train": make_synthetic_pairs(world["num_pairs"], args.seed, **wargs),
+                  "test": make_synthetic_pairs(world["num_test"], args.seed + 10_000, **wargs)}
+        tok_path = args.tokenizer or teacher
+    else:
+        teacher = args.teacher_model or PAPER_DEFAULTS["teacher_model"]
+        student = args.student_model or PAPER_DEFAULTS["student_model"]
+        source = load_source(args.data, skips)
+        tok_path = args.tokenizer or teacher
+    tok = load_tokenizer(tok_path)
+    pool, test = source["train"], source["test"]
+    if not pool:
+        raise WltError(f"{args.data}: no usable pairs in the training split")
+    if not test:  # no test split in the source: carve one first, from the same seeded permutation
+        test, pool = _permute_split(pool, args.test_fraction, args.seed)
+    labeled, unlabeled = _permute_split(pool, labeled_fraction, args.seed)
+    counts = {}
+    parts = {"labeled": labeled, "unlabeled": unlabeled, "test": test}
+    for name in parts:
+        before = len(parts[name])
+        part_skips = Skips(strict=False)
+        parts[name] = length_filter(tok, parts[name], args.max_len, part_skips, name)
+        counts[name] = {"before_length_filter": before, "kept": len(parts[name]), "skipped": part_skips.as_dict()["counts"]}
+        log(f"{name}: {len(parts[name])} pairs kept of {before}"
+            + "".join(f"; {n} {r}" for r, n in part_skips.counts.items()))
+    skips.report(args.data)
+    sft_t = dict(defaults["sft"])
+    sft_s = dict(defaults.get("sft_student", defaults["sft"]))
+    dpo = dict(defaults["dpo"], beta=beta)
+    config = {
+        "source": args.data, "labeled_fraction": labeled_fraction, "seed": args.seed, "max_len": args.max_len,
+        "tokenizer": tok_path, "teacher_model": teacher, "student_model": student, "beta": beta,
+        "synthetic": world, "counts": counts, "source_skips": skips.as_dict(),
+        "train": {
+            "train_sft.py": {"teacher": dict(sft_t, model=teacher), "student": dict(sft_s, model=student)},
+            "train_dpo.py": {"teacher": dpo, "student": dict(dpo)},
+        },
+    }
+    for name, rows in parts.items():
+        write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), rows)
+    write_json(os.path.join(out, "config.json"), config)  # last: its presence marks a complete prepare
+    log(f"wrote {data_dir}/{{labeled,unlabeled,test}}.jsonl and {out}/config.json")
+    return config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="wlt.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="materialise a run's data splits (data/*.jsonl) and config.json",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="hh-rlhf | tldr | synthetic | a local .jsonl(.gz)/.parquet file or folder")
+    p.add_argument("--out", required=True, help="the run directory, e.g. runs/NAME")
+    p.add_argument("--labeled-fraction", type=float, default=None,
+                   help="share of the training pairs that keeps human labels (D_l); default 0.5 (paper), 0.2 synthetic")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="test share for sources without a test split")
+    p.add_argument("--seed", type=int, default=22, help="seed of the labeled/unlabeled split (paper: 22)")
+    p.add_argument("--max-len", type=int, default=512, help="pairs whose prompt + longer response exceed this many tokens are dropped (counted)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for the length filter (default: the teacher model's)")
+    p.add_argument("--teacher-model", default=None, help="teacher base model, recorded in config.json (default: facebook/opt-125m; synthetic: a tiny Llama)")
+    p.add_argument("--student-model", default=None, help="student base model, recorded in config.json (default: facebook/opt-1.3b; synthetic: a tiny Llama)")
+    p.add_argument("--beta", type=float, default=None, help="DPO beta recorded for the run (default 0.1; synthetic 0.5)")
+    p.add_argument("--strict", action="store_true", help="make every skipped source row an error")
+    p.add_argument("--num-pairs", dest="num_pairs", type=int, default=None, help=f"synthetic: training pairs ({SYN_DEFAULTS['num_pairs']})")
+    p.add_argument("--num-test", dest="num_test", type=int, default=None, help=f"synthetic: test pairs ({SYN_DEFAULTS['num_test']})")
+    p.add_argument("--tau", type=float, default=None, help=f"synthetic: Bradley-Terry temperature of the human labels ({SYN_DEFAULTS['tau']})")
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
