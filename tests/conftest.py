@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny models of several families built from configs (random init, saved with
+save_pretrained) and a byte-level BPE tokenizer trained in-process. Nothing is downloaded."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-sample.jsonl")
+
+CORPUS = [
+    "Human: what are some pranks with a pen i can do? Assistant: Are you looking for practical joke ideas?",
+    "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow.",
+    "Human: How do I bake bread at home? Assistant: Mix flour, water, salt and yeast, then let it rise.",
+    "Summaries should be short. TL;DR: keep it brief, and say what matters first.",
+    "sort: 7 3 9 1 => 1 3 7 9. Numbers 0123456789 and punctuation !?.,;:'\"()[]{}",
+] * 3
+
+
+def make_bpe_tokenizer(vocab_size: int = 300):
+    """A real byte-level BPE (with merges) trained on a few sentences, wrapped for transformers, with
+    BOS prepended like OPT's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    bos = tk.token_to_id("<s>")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_config(family: str, vocab_size: int):
+    from transformers import OPTConfig, GPT2Config, LlamaConfig, GPTNeoXConfig
+    if family == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                          bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+FAMILIES = ["opt", "gpt2", "llama", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return make_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
+    """factory(family) -> folder with a randomly initialised tiny model + the BPE tokenizer (cached)."""
+    from transformers import AutoModelForCausalLM
+    cache = {}
+
+    def make(family: str) -> str:
+        if family not in cache:
+            d = str(tmp_path_factory.mktemp(f"tiny-{family}"))
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(family, len(bpe_tokenizer)))
+            model.save_pretrained(d)
+            bpe_tokenizer.save_pretrained(d)
+            cache[family] = d
+        return cache[family]
+    return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """A small synthetic run directory (prepare only): 600 pairs, 100 test pairs."""
+    import subprocess
+    d = str(tmp_path_factory.mktemp("synrun"))
+    subprocess.run([sys.executable, os.path.join(ROOT, "wlt.py"), "prepare", "--data", "synthetic", "--out", d,
+                    "--num-pairs", "600", "--num-test", "100"], check=True, capture_output=True)
+    return d
+
+
+def run_script(*args, env=None, check=True):
+    """Run a project script in a subprocess; returns CompletedProcess (stdout/stderr captured)."""
+    import subprocess
+    e = dict(os.environ, **(env or {}))
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=e)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def torchrun(nproc: int, *args, env=None, check=True):
+    """Run a project script under torchrun on CPU (gloo) with nproc processes."""
+    return run_script("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
+                      env=dict({"OMP_NUM_THREADS": "1"}, **(env or {})), check=check)
