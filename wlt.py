@@ -164,7 +164,7 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     limit = min(len(chosen), len(rejected))
     while n < limit and chosen[n] == rejected[n]:
         n += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, n - len(HH_ASSISTANT) + 1)  # marker must lie wholly inside the prefix
+    cut = chosen.rfind(HH_ASSISTANT, 0, n)  # rfind's end bound: the marker must lie wholly inside chosen[:n]
     if cut < 0:
         raise ValueError('no "\\n\\nAssistant:" in the shared prefix of the two dialogues')
     cut += len(HH_ASSISTANT)
@@ -530,9 +530,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
         replaced.append(name)
     if not replaced:
         raise WltError(f"LoRA targets {targets} match no linear layer of this model")
-    fan = {isinstance(model.get_submodule(n), LoRALinear) and model.get_submodule(n).fan_in_fan_out for n in replaced}
+    fan = {n: model.get_submodule(n).fan_in_fan_out for n in replaced}  # per module: Conv1D or nn.Linear
     model.wlt_lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
-                      "fan_in_fan_out": True in fan, "modules": replaced}
+                      "fan_in_fan_out": any(fan.values()), "modules": fan}
     return model
 
 
@@ -579,7 +579,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def split_lora_state_dict(sd: dict, lora_cfg: dict) -> tuple[dict, dict]:
     """Split a full state dict of a LoRA model into (merged base state dict, PEFT adapter state dict).
-    The adapter keys follow PEFT's on-disk layout: base_model.model.<module path>.lora_A.weight."""
+    lora_cfg: model.wlt_lora (add_lora). The adapter keys follow PEFT's on-disk layout:
+    base_model.model.<module path>.lora_A.weight."""
     merged, adapter = {}, {}
     scaling = lora_cfg["lora_alpha"] / lora_cfg["r"]
     for k, v in sd.items():
@@ -587,10 +588,9 @@ def split_lora_state_dict(sd: dict, lora_cfg: dict) -> tuple[dict, dict]:
             adapter["base_model.model." + k] = v.contiguous()
         else:
             merged[k] = v
-    for path in lora_cfg["modules"]:
+    for path, fan in lora_cfg["modules"].items():  # fan: the layer stores its weight transposed (Conv1D)
         a, b = sd[f"{path}.lora_A.weight"], sd[f"{path}.lora_B.weight"]
         w = merged[f"{path}.weight"]
-        fan = tuple(w.shape) != (b.shape[0], a.shape[1])
         merged[f"{path}.weight"] = (w.float() + lora_delta(a, b, scaling, fan)).to(w.dtype)
     return merged, adapter
 
@@ -672,7 +672,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
         raise WltError(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}") from None
 
 
@@ -779,6 +779,7 @@ def add_train_args(ap: argparse.ArgumentParser, kind: str) -> None:
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     t.add_argument("--seed", type=int, default=0, help="seed of data order and LoRA init (same on every rank)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs); the schedule fits them")
     o = ap.add_argument_group("bookkeeping")
     o.add_argument("--eval-pairs", type=int, default=64, help="held-out slice of the data, excluded from training (0: none)")
     o.add_argument("--eval-every", type=int, default=50, help="evaluate the held-out slice every N steps (and at the end)")
@@ -845,15 +846,15 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     return train, evals, stats
 
 
-def batch_plan(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+def batch_plan(n: int, batch_size: int, epochs: int, seed: int, max_steps: int = 0) -> list[list[int]]:
     """Global batches of example indices: a fresh seeded permutation per epoch; the last batch of an
-    epoch may be smaller (every example is used, none twice)."""
+    epoch may be smaller (every example is used once per epoch). max_steps > 0 cuts the plan short."""
     plan = []
     for ep in range(epochs):
         order = list(range(n))
         random.Random(seed * 1000 + ep).shuffle(order)
         plan += [order[s:s + batch_size] for s in range(0, n, batch_size)]
-    return plan
+    return plan[:max_steps] if max_steps > 0 else plan
 
 
 def micro_batches(batch: list[int], micro: int) -> list[tuple[list[int], list[float]]]:
@@ -902,6 +903,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def build_optimizer(model: nn.Module, args, total_steps: int):
+    # FSDP2 keeps the root unit unsharded after a no_grad forward (e.g. DPO's reference pass): its parameters
+    # are then plain full tensors that never receive gradients. Reshard so we collect the sharded DTensors.
+    if hasattr(model, "reshard"):
+        model.reshard()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     warmup = math.ceil(args.warmup_ratio * total_steps)
@@ -952,10 +957,10 @@ def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout
     model.to(dev)
     if world_size() > 1:
         shard_model(model, dev)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensor.numel() is the global size
     n_all = sum(p.numel() for p in model.parameters())
-    log(f"model {args.model}: {n_all * (world_size() if world_size() > 1 else 1) / 1e6:.2f}M parameters, "
-        f"{n_train * (world_size() if world_size() > 1 else 1) / 1e6:.3f}M trainable, device {dev}, {world_size()} process(es)")
+    log(f"model {args.model}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable, "
+        f"device {dev}, {world_size()} process(es)")
     return model, tok, dev, keep
 
 
@@ -1058,7 +1063,7 @@ def make_synthetic_tokenizer():
 def make_synthetic_model(tok, shape: dict, seed: int, out_dir: str) -> None:
     """A tiny randomly initialised Llama-architecture causal LM, saved in the standard HF layout."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
                       **shape)
     torch.manual_seed(seed)
