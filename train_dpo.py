@@ -90,14 +90,18 @@ def main():
 
     ref_train = reference(train, "training")
     ref_eval = reference(evals, "held-out") if evals else None
-    plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed)
+    plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     params, opt, sched = wlt.build_optimizer(model, args, len(plan))
 
-    def metrics(pol: torch.Tensor, ref: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Summed (over pairs, weighted) loss, rewards/chosen, rewards/rejected, accuracies, margins,
+    def loss_fn(pol: torch.Tensor, ref: torch.Tensor):
+        """pol, ref: [B, 2] (chosen, rejected) summed log-probs -> (losses, chosen_rewards, rejected_rewards)."""
+        return wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta, args.loss_type,
+                            args.label_smoothing)
+
+    def metrics(out, pol: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Weighted sums over pairs of loss, rewards/chosen, rewards/rejected, accuracies, margins,
         logps/chosen, logps/rejected, and the pair count: [8]. Ties count as not accurate."""
-        losses, rc, rr = wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta,
-                                      args.loss_type, args.label_smoothing)
+        losses, rc, rr = out
         cols = [losses.detach(), rc, rr, (rc > rr).float(), rc - rr, pol[:, 0].detach(), pol[:, 1].detach(),
                 torch.ones_like(rc)]
         return torch.stack([(c.float().cpu() * w.cpu()).sum() for c in cols])
@@ -111,7 +115,7 @@ def main():
     def evaluate() -> dict:
         with torch.no_grad():
             pol = wlt.sharded_map(len(evals), micro, lambda idx: pair_logps(model, [evals[i] for i in idx]))
-        return {f"eval/{k}": v for k, v in averaged(metrics(pol, ref_eval, torch.ones(len(evals)))).items()}
+        return {f"eval/{k}": v for k, v in averaged(metrics(loss_fn(pol, ref_eval), pol, torch.ones(len(evals)))).items()}
 
     # ---- loop
     log = wlt.MetricsLog(args.out)
@@ -127,11 +131,10 @@ def main():
             pol = pair_logps(model, exs)
             ref = ref_train[idx].to(dev)
             wts = torch.tensor(w, device=dev)
-            losses, _, _ = wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta,
-                                        args.loss_type, args.label_smoothing)
+            out = loss_fn(pol, ref)
             # mean over the global batch's pairs; x W because FSDP averages gradients over ranks
-            ((losses * wts).sum() * W / len(batch)).backward()
-            sums += metrics(pol, ref, wts)
+            ((out[0] * wts).sum() * W / len(batch)).backward()
+            sums += metrics(out, pol, wts)
             tokens += sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e, x in zip(exs, w) if x)
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
         opt.step()

@@ -38,7 +38,7 @@ def main():
     train, evals, stats = wlt.load_examples(args, tok, "sft")
     W = wlt.world_size()
     micro = args.micro_batch_size or max(1, args.batch_size // W)
-    plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed)
+    plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     params, opt, sched = wlt.build_optimizer(model, args, len(plan))
     pad = wlt.pad_id(tok)
 

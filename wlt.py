@@ -209,15 +209,18 @@ def row_to_pair(row: dict, loc: str, skips: Skips) -> dict | None:
     return pair
 
 
-def read_pairs(path: str, skips: Skips | None = None) -> list[dict]:
+def read_pairs(path: str, skips: Skips | None = None, locs: list | None = None) -> list[dict]:
     """Read a pair file (.jsonl or .jsonl.gz, any layout row_to_pair accepts). Bad JSON is an error naming
-    file:line; unrepresentable rows are counted in `skips` (or raise under skips.strict)."""
+    file:line; unrepresentable rows are counted in `skips` (or raise under skips.strict). If `locs` is a
+    list, the "file:line" of each returned pair is appended to it (for later skips, e.g. too long)."""
     skips = skips if skips is not None else Skips()
     pairs = []
     for i, row in iter_jsonl(path):
         p = row_to_pair(row, f"{path}:{i}", skips)
         if p is not None:
             pairs.append(p)
+            if locs is not None:
+                locs.append(f"{path}:{i}")
     return pairs
 
 
@@ -812,22 +815,24 @@ def resolve_train_args(ap: argparse.ArgumentParser, script: str, role_paths) -> 
 def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     """Read and tokenize the pair file; fit to --max-len; carve the held-out slice. Returns (train, eval,
     stats). Skipped rows are counted (or fatal under --strict) and reported."""
-    skips = Skips(strict=args.strict)
-    pairs = read_pairs(args.data, skips)
+    skips, locs = Skips(strict=args.strict), []
+    pairs = read_pairs(args.data, skips, locs)
     if not pairs:
         raise WltError(f"{args.data}: no usable pairs")
     exs, fallbacks = tokenize_pairs(tok, pairs)
+    if fallbacks:
+        log(f"{args.data}: {fallbacks} response(s) tokenized alone (prompt ids not a prefix of the joint ids)")
     kept = []
-    for i, e in enumerate(exs):
+    for e, loc in zip(exs, locs):
         need = ("chosen_ids",) if kind == "sft" else ("chosen_ids", "rejected_ids")
         if any(not e[k] for k in need):
-            skips.add("a response has no tokens", f"{args.data} pair {i + 1}")
+            skips.add("a response has no tokens", loc)
             continue
         if kind == "sft":
             e = dict(e, rejected_ids=[])
         f = fit_pair(e, args.max_len)
         if f is None:
-            skips.add(f"a response alone does not fit --max-len {args.max_len}", f"{args.data} pair {i + 1}")
+            skips.add(f"a response alone does not fit --max-len {args.max_len}", loc)
             continue
         kept.append(f)
     skips.report(args.data)
@@ -1108,15 +1113,17 @@ def _permute_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def length_filter(tok, pairs: list[dict], max_len: int, skips: Skips, part: str) -> list[dict]:
-    """Keep pairs with len(prompt_ids) + len(longer response ids) <= max_len; count the rest."""
+    """Keep pairs with len(prompt_ids) + len(longer response ids) <= max_len; count the rest (the paper's
+    filter, a documented count rather than an error, so --strict does not apply to it). A response with no
+    tokens at all is a skip (an error under skips.strict)."""
     toks, fallbacks = tokenize_pairs(tok, pairs, desc=f"length filter ({part})")
-    kept = []
-    for p, t in zip(pairs, toks):
+    kept, too_long = [], f"longer than --max-len {max_len}"
+    for k, (p, t) in enumerate(zip(pairs, toks)):
         if not t["chosen_ids"] or not t["rejected_ids"]:
-            skips.add("a response has no tokens", f"{part}")
+            skips.add("a response has no tokens", f"{part} pair {k + 1}")
             continue
         if len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) > max_len:
-            skips.counts[f"longer than --max-len {max_len}"] = skips.counts.get(f"longer than --max-len {max_len}", 0) + 1
+            skips.counts[too_long] = skips.counts.get(too_long, 0) + 1
             continue
         kept.append(p)
     if fallbacks:
@@ -1163,7 +1170,7 @@ def prepare(args) -> dict:
     parts = {"labeled": labeled, "unlabeled": unlabeled, "test": test}
     for name in parts:
         before = len(parts[name])
-        part_skips = Skips(strict=False)
+        part_skips = Skips(strict=args.strict)
         parts[name] = length_filter(tok, parts[name], args.max_len, part_skips, name)
         counts[name] = {"before_length_filter": before, "kept": len(parts[name]), "skipped": part_skips.as_dict()["counts"]}
         log(f"{name}: {len(parts[name])} pairs kept of {before}"
