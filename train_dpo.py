@@ -73,24 +73,27 @@ def main():
             lp = wlt.response_logps(m, **b)
         return torch.stack(lp.chunk(2), dim=-1)
 
-    def reference(exs, desc):
-        """log pi_ref of every pair, once: the reference model, the adapter switched off, or zeros."""
+    # ---- the reference, once, before the loop: a second model (--ref), the adapter switched off, or zeros.
+    ref_model = None
+    if not args.reference_free and args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
+        ref_model = wlt.load_model(args.ref, args.trust_remote_code).to(dev).eval()
+        if W > 1:
+            wlt.shard_model(ref_model, dev)
+
+    def ref_logps(exs) -> torch.Tensor:
+        """[len(exs), 2] log pi_ref of (chosen, rejected), on CPU."""
         if args.reference_free:
             return torch.zeros(len(exs), 2)
-        ref_model = None
-        if args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
-            ref_model = wlt.load_model(args.ref, args.trust_remote_code).to(dev).eval()
-            if W > 1:
-                wlt.shard_model(ref_model, dev)
-        m = ref_model or model
         with torch.no_grad(), wlt.lora_disabled(model):
-            out = wlt.sharded_map(len(exs), micro, lambda idx: pair_logps(m, [exs[i] for i in idx]))
-        wlt.log(f"reference log-probs of {len(exs)} {desc} pairs computed")
-        return out
+            return pair_logps(ref_model or model, exs).float().cpu()
 
-    ref_train = reference(train, "training")
-    ref_eval = reference(evals, "held-out") if evals else None
     plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
+    # Computed over exactly the micro-batches this rank will train on (same padding, same shapes), so
+    # while pi == pi_ref (step 1) every reward is exactly 0 and the loss exactly log 2, not float noise.
+    ref_train = [[ref_logps([train[i] for i in idx]) for idx, _ in wlt.micro_batches(batch, micro)]
+                 for batch in tqdm(plan, desc="reference log-probs", disable=wlt.rank() != 0)]
+    ref_eval = wlt.sharded_map(len(evals), micro, lambda idx: ref_logps([evals[i] for i in idx])) if evals else None
+    del ref_model
     params, opt, sched = wlt.build_optimizer(model, args, len(plan))
 
     def loss_fn(pol: torch.Tensor, ref: torch.Tensor):
@@ -129,7 +132,7 @@ def main():
                 model.set_requires_gradient_sync(j == len(mbs) - 1)
             exs = [train[i] for i in idx]
             pol = pair_logps(model, exs)
-            ref = ref_train[idx].to(dev)
+            ref = ref_train[step][j].to(dev)
             wts = torch.tensor(w, device=dev)
             out = loss_fn(pol, ref)
             # mean over the global batch's pairs; x W because FSDP averages gradients over ranks
