@@ -159,11 +159,10 @@ def main():
     if wlt.rank() == 0:
         if args.lora_rank > 0:
             merged, adapter = wlt.split_lora_state_dict(sd, model.wlt_lora)
-            wlt.save_hf_checkpoint(args.out, merged, model.config, tok, keep)
+            wlt.save_hf_checkpoint(args.out, merged, model, tok, keep)
             wlt.save_adapter(args.out, adapter, model.wlt_lora, os.path.abspath(args.model))
         else:
-            wlt.save_hf_checkpoint(args.out, sd, model.config, tok, keep)
-        model.generation_config.save_pretrained(args.out)
+            wlt.save_hf_checkpoint(args.out, sd, model, tok, keep)
         wlt.log(f"saved {args.out}")
     wlt.finish(args, stats)
 

@@ -94,8 +94,7 @@ def main():
     # ---- save: full state dict gathered to rank 0 (a collective under FSDP2)
     sd = wlt.full_state_dict(model)
     if wlt.rank() == 0:
-        wlt.save_hf_checkpoint(args.out, sd, model.config, tok, keep)
-        model.generation_config.save_pretrained(args.out)
+        wlt.save_hf_checkpoint(args.out, sd, model, tok, keep)
         wlt.log(f"saved {args.out}")
     wlt.finish(args, stats)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import itertools
 import json
 import math
 import os
@@ -54,6 +55,12 @@ def log(*args) -> None:
     """Print on global rank 0 only (every rank runs the same script under torchrun)."""
     if rank() == 0:
         print(*args, flush=True)
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (library errors often span several), shortened to `limit`."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
 def run_main(main) -> None:
@@ -225,9 +232,10 @@ def read_pairs(path: str, skips: Skips | None = None, locs: list | None = None) 
 
 
 def _local_source_files(path: str) -> dict[str, list[str]]:
-    """Files of a local source by split. A file: everything is 'train'. A folder: every train*/test* .jsonl
-    (.gz) or .parquet below it (e.g. the hub's harmless-base/, helpful-base/ ... layout)."""
-    exts = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+    """Files of a local source by split. A file: everything is 'train'. A folder: every .jsonl, .jsonl.gz or
+    .parquet below it whose name, or else whose parent folder's name, starts with train or test (the hub's
+    harmless-base/train.jsonl.gz, data/train-0000.parquet and train/0000.parquet layouts)."""
+    exts = (".jsonl", ".jsonl.gz", ".parquet")
     if os.path.isfile(path):
         return {"train": [path], "test": []}
     if not os.path.isdir(path):
@@ -237,7 +245,8 @@ def _local_source_files(path: str) -> dict[str, list[str]]:
         for fn in sorted(files):
             if not fn.endswith(exts):
                 continue
-            split = "test" if fn.startswith("test") else "train" if fn.startswith("train") else None
+            split = next((s for name in (fn, os.path.basename(root)) for s in ("train", "test")
+                          if name.startswith(s)), None)
             if split:
                 out[split].append(os.path.join(root, fn))
     if not out["train"] and not out["test"]:
@@ -261,7 +270,7 @@ def load_source(src: str, skips: Skips) -> dict[str, list[dict]]:
 
     src: "hh-rlhf" (hub Anthropic/hh-rlhf), "tldr" (hub CarperAI/openai_summarize_comparisons), or a local
     file/folder in any of their layouts or in pair form. Folders with another schema are skipped with a
-    message (e.g. hh-rlhf's red-team-attempts). The synthetic world is generated elsewhere (make_world).
+    message (e.g. hh-rlhf's red-team-attempts). The synthetic world is made by make_synthetic_pairs.
     """
     if src in ("hh-rlhf", "tldr") and not os.path.exists(src):
         name = {"hh-rlhf": "Anthropic/hh-rlhf", "tldr": "CarperAI/openai_summarize_comparisons"}[src]
@@ -292,16 +301,11 @@ def load_source(src: str, skips: Skips) -> dict[str, list[dict]]:
             if not {"chosen", "rejected"} <= set(first[1]):
                 log(f"{path}: skipped, not a preference file (fields: {', '.join(sorted(first[1]))})")
                 continue
-            for i, row in _chain(first, rows):
+            for i, row in itertools.chain([first], rows):
                 p = row_to_pair(row, f"{path}:{i}", skips)
                 if p is not None:
                     out[split].append(p)
     return out
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,8 +423,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     sigmoid (DPO Eq. 7; Tao & Li Eq. 4 and 6):  -log sigmoid(beta h)
         with label_smoothing eps (conservative DPO, labels flipped with probability eps):
         -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-    ipo (Azar et al. 2023, Eq. 17):            (h - 1 / (2 beta))^2
-    hinge (SLiC-HF, Zhao et al. 2023):         max(0, 1 - beta h)
+    ipo (Azar et al. 2023, the empirical IPO loss, with their tau = beta):  (h - 1 / (2 beta))^2
+    hinge (the SLiC-HF calibration loss of Zhao et al. 2023, on the DPO log-ratio):  max(0, 1 - beta h)
     """
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
@@ -653,6 +657,9 @@ def autocast(dev: torch.device, dtype: str = "auto"):
 
 
 def check_model_dir(path: str) -> None:
+    """A clear error for a local model folder that is missing or has no weights (hub names pass through)."""
+    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
+        raise WltError(f"{path}: no such model folder")
     if os.path.isdir(path):
         names = os.listdir(path)
         if "config.json" not in names:
@@ -668,7 +675,7 @@ def load_model(path: str, trust_remote_code: bool = False):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise WltError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+        raise WltError(f"cannot load model {path!r}: {one_line(e)}") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -676,7 +683,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
-        raise WltError(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}") from None
+        raise WltError(f"cannot load tokenizer {path!r}: {one_line(e)}") from None
 
 
 def init_distributed() -> None:
@@ -737,15 +744,17 @@ def unique_state_keys(model: nn.Module) -> set:
     return keys
 
 
-def save_hf_checkpoint(out_dir: str, sd: dict, config, tokenizer, keep: set | None = None) -> None:
-    """Write an HF checkpoint (config.json, model.safetensors, tokenizer) from a full state dict, atomically
-    per file. `keep` drops tied duplicates (unique_state_keys of the unsharded model)."""
+def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | None = None) -> None:
+    """Write an HF checkpoint (config.json, generation_config.json, model.safetensors, tokenizer) from a full
+    state dict, atomically per file. `keep` drops tied duplicates (unique_state_keys of the unsharded model)."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if keep is None or k in keep}
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config.save_pretrained(out_dir)
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
@@ -953,6 +962,7 @@ def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout
     init_distributed()
     dev = device()
     set_seed(args.seed)
+    check_model_dir(args.model)  # before the tokenizer, so a folder without weights is named as such
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, args.trust_remote_code)
     if lora_rank > 0:
