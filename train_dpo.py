@@ -27,10 +27,11 @@ def role_paths(args) -> dict:
     if args.teacher:
         return {"model": os.path.join(run, "teacher", "sft"), "data": os.path.join(run, "data", "labeled.jsonl"),
                 "out": os.path.join(run, "teacher", "dpo")}
-    labels = args.labels or "weak"
-    data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[labels]
+    if not args.labels:
+        raise wlt.WltError("--student needs --labels weak (data/weak.jsonl) or --labels human (data/unlabeled.jsonl)")
+    data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[args.labels]
     return {"model": os.path.join(run, "student", "sft"), "data": os.path.join(run, "data", data),
-            "out": os.path.join(run, "student", f"dpo-{labels}")}
+            "out": os.path.join(run, "student", f"dpo-{args.labels}")}
 
 
 def main():
@@ -42,19 +43,22 @@ def main():
                    help="with --student --run: weak labels (data/weak.jsonl) or the human control (data/unlabeled.jsonl)")
     d.add_argument("--beta", type=float, default=0.1, help="KL strength beta (paper: 0.1 HH-RLHF, 0.5 TL;DR)")
     d.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid", help="DPO, IPO or SLiC hinge")
-    d.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate (sigmoid only)")
+    d.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate (sigmoid loss only)")
     d.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (paper: 8); 0 = full fine-tune")
     d.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (update scaled by alpha/rank)")
-    d.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (0: deterministic rewards)")
+    d.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the LoRA input, in the training forward only (reference, held-out and saved rewards stay deterministic)")
     d.add_argument("--lora-targets", default=None, help="comma-separated module-name suffixes (default: per model family)")
     d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
     d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
-    args = wlt.resolve_train_args(ap, "train_dpo.py", role_paths)
-    if args.lr is None:
-        args.lr = 5e-5 if args.lora_rank > 0 else 5e-7
-    if args.student and args.run and not args.labels:
-        ap.error("--student needs --labels weak|human")
-    if wlt.already_done(args):
+    args, run_cfg = wlt.resolve_train_args(ap, "train_dpo.py", role_paths)
+    if args.lr is None:  # LoRA and full fine-tuning need very different rates
+        kind = "lora" if args.lora_rank > 0 else "full"
+        args.lr = run_cfg.get(f"lr_{kind}", wlt.DPO_LR[kind])
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        ap.error("--label-smoothing applies to --loss-type sigmoid only")
+    inputs = wlt.begin(args)
+    if inputs is None:  # --resume: finished already
         return
 
     # ---- setup
@@ -64,7 +68,12 @@ def main():
     W = wlt.world_size()
     micro = args.micro_batch_size or max(1, args.batch_size // W)
     pad = wlt.pad_id(tok)
-    model.eval()  # no dropout anywhere in DPO: policy and reference rewards must be deterministic
+    model.eval()  # no model dropout in DPO: policy and reference log-probs must be deterministic
+
+    def lora_dropout(on: bool) -> None:
+        """--lora-dropout acts in the training forward only; every reported reward is dropout-free."""
+        for m in wlt.lora_modules(model):
+            m.dropout.train(on)
 
     def pair_logps(m, exs) -> torch.Tensor:
         """[len(exs), 2]: summed response log-probs of (chosen, rejected), in one forward of 2B sequences."""
@@ -116,14 +125,17 @@ def main():
         return {k: float(sums[i] / sums[-1]) for i, k in enumerate(names)}
 
     def evaluate() -> dict:
+        lora_dropout(False)
         with torch.no_grad():
             pol = wlt.sharded_map(len(evals), micro, lambda idx: pair_logps(model, [evals[i] for i in idx]))
+        lora_dropout(True)
         return {f"eval/{k}": v for k, v in averaged(metrics(loss_fn(pol, ref_eval), pol, torch.ones(len(evals)))).items()}
 
     # ---- loop
     log = wlt.MetricsLog(args.out)
     bar = tqdm(plan, desc="dpo", disable=wlt.rank() != 0)
     t0, tokens = time.time(), 0
+    lora_dropout(True)
     for step, batch in enumerate(bar):
         mbs = wlt.micro_batches(batch, micro)
         sums = torch.zeros(8)
@@ -135,16 +147,18 @@ def main():
             ref = ref_train[step][j].to(dev)
             wts = torch.tensor(w, device=dev)
             out = loss_fn(pol, ref)
-            # mean over the global batch's pairs; x W because FSDP averages gradients over ranks
+            # mean over the global batch's pairs; FSDP2 averages gradients over the W ranks (its default
+            # divisor), so x W turns that average back into the sum (x 1 in a single process)
             ((out[0] * wts).sum() * W / len(batch)).backward()
             sums += metrics(out, pol, wts)
             tokens += sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e, x in zip(exs, w) if x)
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
+        lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         sums = wlt.all_reduce_sum(sums)  # every micro-batch of every rank
-        row = {"step": step + 1, **averaged(sums), "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}
+        row = {"step": step + 1, **averaged(sums), "lr": lr_now, "grad_norm": grad_norm}
         if not torch.isfinite(torch.tensor(row["loss"])):
             raise wlt.WltError(f"loss is {row['loss']} at step {step + 1}; stopping before anything is saved")
         row["tokens/s"] = float(wlt.all_reduce_sum(torch.tensor([float(tokens)]))[0]) / max(1e-9, time.time() - t0)
@@ -164,7 +178,7 @@ def main():
         else:
             wlt.save_hf_checkpoint(args.out, sd, model, tok, keep)
         wlt.log(f"saved {args.out}")
-    wlt.finish(args, stats)
+    wlt.finish(args, stats, inputs)
 
 
 if __name__ == "__main__":

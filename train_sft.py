@@ -28,9 +28,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     wlt.add_train_args(ap, "sft")
-    args = wlt.resolve_train_args(ap, "train_sft.py", role_paths)
-    args.lr = args.lr if args.lr is not None else 2e-5
-    if wlt.already_done(args):
+    args, _ = wlt.resolve_train_args(ap, "train_sft.py", role_paths)
+    args.lr = args.lr if args.lr is not None else wlt.SFT_LR
+    inputs = wlt.begin(args)
+    if inputs is None:  # --resume: finished already
         return
 
     # ---- setup: model on every rank, data, optimizer
@@ -68,12 +69,14 @@ def main():
             with wlt.autocast(dev, args.dtype):
                 logps = wlt.response_logps(model, **b)
             wts = torch.tensor(w, device=dev)
-            # FSDP averages gradients over ranks, so scale by W to turn the average back into a sum
+            # FSDP2 averages gradients over the W ranks (its default divisor); x W turns that average back
+            # into the sum over the global batch (x 1 in a single process)
             loss = wlt.sft_loss(logps * wts, n_tokens) * W
             loss.backward()
             nll_sum += float(-(logps.detach() * wts).sum())
             seen_tokens += int((b["attention_mask"].sum(-1) * (wts > 0)).sum())  # real tokens, all positions
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
+        lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -81,7 +84,7 @@ def main():
         loss_val = float(totals[0]) / n_tokens
         if not torch.isfinite(torch.tensor(loss_val)):
             raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before anything is saved")
-        row = {"step": step + 1, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+        row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm,
                "tokens/s": float(totals[1]) / max(1e-9, time.time() - t0)}
         if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
             model.eval()
@@ -96,7 +99,7 @@ def main():
     if wlt.rank() == 0:
         wlt.save_hf_checkpoint(args.out, sd, model, tok, keep)
         wlt.log(f"saved {args.out}")
-    wlt.finish(args, stats)
+    wlt.finish(args, stats, inputs)
 
 
 if __name__ == "__main__":

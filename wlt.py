@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -210,8 +211,8 @@ def row_to_pair(row: dict, loc: str, skips: Skips) -> dict | None:
         skips.add("empty response", loc)
         return None
     pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    for k, v in row.items():  # keep extra fields a producer added (e.g. rewards written by label.py)
-        if k not in pair and k not in ("response",):
+    for k, v in row.items():  # keep extra fields a producer added (e.g. rewards written by label.py), except
+        if k not in pair and k != "response":  # Dahoas/full-hh-rlhf's "response", a copy of "chosen"
             pair[k] = v
     return pair
 
@@ -249,6 +250,8 @@ def _local_source_files(path: str) -> dict[str, list[str]]:
                           if name.startswith(s)), None)
             if split:
                 out[split].append(os.path.join(root, fn))
+            else:  # e.g. hh-rlhf's red-team-attempts/red_team_attempts.jsonl.gz (another schema)
+                log(f"{os.path.join(root, fn)}: ignored (neither it nor its folder is named train* or test*)")
     if not out["train"] and not out["test"]:
         raise WltError(f"{path}: no train*/test* .jsonl, .jsonl.gz or .parquet files in this folder")
     return out
@@ -265,8 +268,9 @@ def _file_rows(path: str):
         yield from iter_jsonl(path)
 
 
-def load_source(src: str, skips: Skips) -> dict[str, list[dict]]:
-    """Load a preference source into {"train": [pairs], "test": [pairs]} (test may be empty).
+def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, list[dict]]:
+    """Load a preference source into {"train": [pairs], "test": [pairs]} (test may be empty). If `locs` is
+    given, locs[split] receives the "file:line" of each returned pair, in the same order.
 
     src: "hh-rlhf" (hub Anthropic/hh-rlhf), "tldr" (hub CarperAI/openai_summarize_comparisons), or a local
     file/folder in any of their layouts or in pair form. Folders with another schema are skipped with a
@@ -289,6 +293,8 @@ def load_source(src: str, skips: Skips) -> dict[str, list[dict]]:
                 p = row_to_pair(row, f"{name}/{split}:{i}", skips)
                 if p is not None:
                     out[key].append(p)
+                    if locs is not None:
+                        locs.setdefault(key, []).append(f"{name}/{split}:{i}")
         return out
     out = {"train": [], "test": []}
     for split, files in _local_source_files(src).items():
@@ -305,6 +311,8 @@ def load_source(src: str, skips: Skips) -> dict[str, list[dict]]:
                 p = row_to_pair(row, f"{path}:{i}", skips)
                 if p is not None:
                     out[split].append(p)
+                    if locs is not None:
+                        locs.setdefault(split, []).append(f"{path}:{i}")
     return out
 
 
@@ -426,6 +434,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     ipo (Azar et al. 2023, the empirical IPO loss, with their tau = beta):  (h - 1 / (2 beta))^2
     hinge (the SLiC-HF calibration loss of Zhao et al. 2023, on the DPO log-ratio):  max(0, 1 - beta h)
     """
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss_type!r}")
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -627,14 +637,22 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise WltError(f"{adapter_dir}: no adapter_config.json")
-    cfg = json.load(open(cfg_path))
-    add_lora(model, cfg["r"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
+    try:
+        cfg = json.load(open(cfg_path))
+        r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise WltError(f"{cfg_path}: not a LoRA adapter config ({one_line(e)})") from None
+    if not isinstance(targets, list):  # PEFT also allows a regex string; this project writes lists
+        raise WltError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    add_lora(model, r, alpha, 0.0, targets)
     sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    own = {k[len("base_model.model."):]: v for k, v in sd.items()}
-    missing = [k for k, _ in model.named_parameters() if ("lora_A" in k or "lora_B" in k) and k not in own]
-    if missing:
-        raise WltError(f"{adapter_dir}: adapter does not fit this model (missing {missing[0]} ...)")
-    model.load_state_dict(own, strict=False)
+    own = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
+    expected = {k for k, _ in model.named_parameters() if ".lora_A." in k or ".lora_B." in k}
+    missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
+    if missing or unexpected:
+        raise WltError(f"{adapter_dir}: adapter does not fit this model "
+                       f"(missing {missing[:1]}, unexpected {unexpected[:1]})")
+    model.load_state_dict(own, strict=False)  # strict=False: the base weights are not in the adapter
     return model
 
 
@@ -803,10 +821,12 @@ def add_train_args(ap: argparse.ArgumentParser, kind: str) -> None:
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
 
 
-def resolve_train_args(ap: argparse.ArgumentParser, script: str, role_paths) -> argparse.Namespace:
+def resolve_train_args(ap: argparse.ArgumentParser, script: str, role_paths) -> tuple[argparse.Namespace, dict]:
     """Parse flags; with --run, fill model/data/out from the role and defaults from runs/NAME/config.json.
-    Explicit flags always win. role_paths(args) -> dict of model/data/out for the chosen role."""
+    Explicit flags always win. role_paths(args) -> dict of model/data/out for the chosen role.
+    Returns (args, run settings that are not flags, e.g. DPO's lr_lora / lr_full)."""
     args, _ = ap.parse_known_args()
+    extra = {}
     if args.run:
         if not (args.teacher or args.student):
             ap.error("--run needs --teacher or --student")
@@ -814,11 +834,12 @@ def resolve_train_args(ap: argparse.ArgumentParser, script: str, role_paths) -> 
         d = run_defaults(args.run, script, role)
         d.update(role_paths(args))
         ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
+        extra = {k: v for k, v in d.items() if k not in vars(args)}
     args = ap.parse_args()
     for k in ("model", "data", "out"):
         if getattr(args, k) is None:
             ap.error(f"--{k} is required (or use --teacher/--student with --run)")
-    return args
+    return args, extra
 
 
 def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
@@ -826,6 +847,7 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     stats). Skipped rows are counted (or fatal under --strict) and reported."""
     skips, locs = Skips(strict=args.strict), []
     pairs = read_pairs(args.data, skips, locs)
+    n_rows = len(pairs) + skips.total()
     if not pairs:
         raise WltError(f"{args.data}: no usable pairs")
     exs, fallbacks = tokenize_pairs(tok, pairs)
@@ -836,6 +858,9 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
         need = ("chosen_ids",) if kind == "sft" else ("chosen_ids", "rejected_ids")
         if any(not e[k] for k in need):
             skips.add("a response has no tokens", loc)
+            continue
+        if not e["prompt_ids"]:  # an empty prompt and no BOS: the first response token has no context
+            skips.add("the prompt has no tokens (and the tokenizer adds no BOS)", loc)
             continue
         if kind == "sft":
             e = dict(e, rejected_ids=[])
@@ -851,7 +876,7 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     held = set(order[:n_eval])
     train = [e for i, e in enumerate(kept) if i not in held]
     evals = [kept[i] for i in sorted(held)]
-    stats = {"rows": len(pairs) + skips.total(), "pairs": len(kept), "train": len(train), "eval": len(evals),
+    stats = {"rows": n_rows, "pairs": len(kept), "train": len(train), "eval": len(evals),
              "tokenizer_fallbacks": fallbacks, "skipped": skips.as_dict()}
     log(f"{args.data}: {len(train)} training, {len(evals)} held-out"
         + (f", {skips.total()} skipped" if skips.total() else ""))
@@ -929,9 +954,8 @@ def build_optimizer(model: nn.Module, args, total_steps: int):
 
 
 def clip_grads(params, max_norm: float) -> float:
-    if max_norm <= 0:
-        return float("nan")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    """Clip the global gradient norm to max_norm (<= 0: no clipping) and return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
     return float(norm)
@@ -979,23 +1003,54 @@ def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout
     return model, tok, dev, keep
 
 
-def finish(args, stats: dict) -> None:
-    """Last write of a training run: the resolved config (its presence marks a complete output)."""
+def fingerprint(path: str | None):
+    """What identifies an input without reading it: [name, size, mtime] of a file, or of every file in a
+    model folder (a retrained upstream stage rewrites its files, so its fingerprint changes)."""
+    if not path or not os.path.exists(path):
+        return path  # a hub name, or nothing
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+    out = []
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            if f != "metrics.jsonl":
+                st = os.stat(os.path.join(root, f))
+                out.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def begin(args) -> dict | None:
+    """Start of a training run. Returns None when --resume finds a finished run in --out with the same
+    settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
+    (train_config.json) and adapter/, so a crash can never leave a folder that looks finished, and returns
+    the inputs' fingerprints for finish()."""
+    inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
+    marker = os.path.join(args.out, "train_config.json")
+    if args.resume and os.path.isfile(marker):
+        try:
+            prev = json.load(open(marker))
+        except json.JSONDecodeError:
+            prev = {}
+        same = prev.get("inputs") == inputs and all(
+            prev.get("args", {}).get(k) == v for k, v in vars(args).items() if k != "resume")
+        if same:
+            log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--resume)")
+            return None
+        log(f"{args.out}: settings or inputs changed since the finished run there; training again")
     if rank() == 0:
-        write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats})
+        if os.path.isfile(marker):
+            os.remove(marker)
+        shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)
+    return inputs
+
+
+def finish(args, stats: dict, inputs: dict) -> None:
+    """Last write of a training run: the resolved settings, data counts and input fingerprints. Its presence
+    marks a complete output."""
+    if rank() == 0:
+        write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
     barrier()
-
-
-def already_done(args) -> bool:
-    """--resume on a folder holding a finished run with the same settings: nothing to do."""
-    path = os.path.join(args.out, "train_config.json")
-    if not (args.resume and os.path.isfile(path)):
-        return False
-    prev = json.load(open(path)).get("args", {})
-    same = all(prev.get(k) == v for k, v in vars(args).items() if k != "resume")
-    if same:
-        log(f"{args.out}: finished run with the same settings found; nothing to do (--resume)")
-    return same
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1040,14 +1095,16 @@ def _corrupt(rng: random.Random, xs: list[str], k: int) -> list[str]:
 
 
 def make_synthetic_pairs(n: int, seed: int, tau: float = 0.3, min_digits: int = 3, max_digits: int = 6,
-                         max_corruptions: int = 4) -> list[dict]:
+                         max_corruptions: int = 4, exclude: set | None = None) -> list[dict]:
     """n synthetic pairs with "human" (Bradley-Terry) labels. Each row also records gold_chosen/gold_rejected
-    (exact) for the analysis; training uses prompt/chosen/rejected only."""
+    (exact) for the analysis; training uses prompt/chosen/rejected only. Prompts in `exclude` are redrawn."""
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         xs = [str(rng.randrange(10)) for _ in range(rng.randint(min_digits, max_digits))]
         prompt = "sort: " + " ".join(xs) + " =>"
+        if exclude and prompt in exclude:
+            continue
         target = sorted(xs)
         a = " " + " ".join(_corrupt(rng, target, rng.randint(0, max_corruptions)))
         b = " " + " ".join(_corrupt(rng, target, rng.randint(0, max_corruptions)))
@@ -1092,15 +1149,18 @@ def make_synthetic_model(tok, shape: dict, seed: int, out_dir: str) -> None:
 
 # Defaults per source: the paper's for real data (appendix A), the calibrated ones for the synthetic world.
 # The paper's learning rates were lost; these are common practice (README, "Defaults").
+SFT_LR = 2e-5
+DPO_LR = {"lora": 5e-5, "full": 5e-7}  # LoRA updates need a much larger step than full fine-tuning
 PAPER_DEFAULTS = {
     "teacher_model": "facebook/opt-125m", "student_model": "facebook/opt-1.3b", "beta": 0.1,
-    "sft": {"lr": 2e-5, "epochs": 1, "batch_size": 32}, "dpo": {"lr": 5e-5, "epochs": 1, "batch_size": 16},
+    "sft": {"lr": SFT_LR, "epochs": 1, "batch_size": 32},
+    "dpo": {"lr_lora": DPO_LR["lora"], "lr_full": DPO_LR["full"], "epochs": 1, "batch_size": 16},
 }
-SYNTHETIC_DEFAULTS = {
+SYNTHETIC_DEFAULTS = {  # calibrated on 2 CPU cores (README, "The synthetic world")
     "beta": 0.5, "labeled_fraction": 0.2,
     "sft": {"lr": 3e-3, "epochs": 4, "batch_size": 32},
     "sft_student": {"lr": 3e-3, "epochs": 8, "batch_size": 32},
-    "dpo": {"lr": 1e-3, "epochs": 1, "batch_size": 16},
+    "dpo": {"lr_lora": 1e-3, "lr_full": 1e-4, "epochs": 1, "batch_size": 16},
 }
 
 
@@ -1109,9 +1169,10 @@ def run_defaults(run_dir: str, script: str, role: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise WltError(f"{path}: no such file; run `python wlt.py prepare --out {run_dir} ...` first")
-    cfg = json.load(open(path))
-    d = dict(cfg["train"][script].get(role, {}))
-    return d
+    try:
+        return dict(json.load(open(path))["train"][script].get(role, {}))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise WltError(f"{path}: not a run config made by `wlt.py prepare` ({one_line(e)})") from None
 
 
 def _permute_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -1122,20 +1183,23 @@ def _permute_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in sorted(idx[:k])], [rows[i] for i in sorted(idx[k:])]
 
 
-def length_filter(tok, pairs: list[dict], max_len: int, skips: Skips, part: str) -> list[dict]:
-    """Keep pairs with len(prompt_ids) + len(longer response ids) <= max_len; count the rest (the paper's
-    filter, a documented count rather than an error, so --strict does not apply to it). A response with no
-    tokens at all is a skip (an error under skips.strict)."""
-    toks, fallbacks = tokenize_pairs(tok, pairs, desc=f"length filter ({part})")
+def length_filter(tok, items: list[tuple[dict, str]], max_len: int, skips: Skips, part: str) -> list[tuple[dict, str]]:
+    """items: [(pair, "file:line")]. Keep pairs with len(prompt_ids) + len(longer response ids) <= max_len;
+    count the rest (the paper's filter: a documented count, so --strict does not apply to it). A response
+    with no tokens at all is a skip (an error under skips.strict)."""
+    toks, fallbacks = tokenize_pairs(tok, [p for p, _ in items], desc=f"length filter ({part})")
     kept, too_long = [], f"longer than --max-len {max_len}"
-    for k, (p, t) in enumerate(zip(pairs, toks)):
+    for (p, loc), t in zip(items, toks):
         if not t["chosen_ids"] or not t["rejected_ids"]:
-            skips.add("a response has no tokens", f"{part} pair {k + 1}")
+            skips.add("a response has no tokens", loc)
             continue
         if len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) > max_len:
             skips.counts[too_long] = skips.counts.get(too_long, 0) + 1
+            skips.where.setdefault(too_long, [])
+            if len(skips.where[too_long]) < 5:
+                skips.where[too_long].append(loc)
             continue
-        kept.append(p)
+        kept.append((p, loc))
     if fallbacks:
         log(f"{part}: {fallbacks} response(s) tokenized alone (prompt ids not a prefix of the joint ids)")
     return kept
@@ -1153,24 +1217,29 @@ def prepare(args) -> dict:
     if syn:
         world = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in SYN_DEFAULTS.items()}
         models_dir = os.path.join(out, "models")
-        tok = make_synthetic_tokenizer()
+        world_tok = make_synthetic_tokenizer()
         teacher = args.teacher_model or os.path.join(models_dir, "teacher-base")
         student = args.student_model or os.path.join(models_dir, "student-base")
         if not args.teacher_model:
-            make_synthetic_model(tok, SYN_TEACHER, args.seed, teacher)
+            make_synthetic_model(world_tok, SYN_TEACHER, args.seed, teacher)
         if not args.student_model:
-            make_synthetic_model(tok, SYN_STUDENT, args.seed + 1, student)
+            make_synthetic_model(world_tok, SYN_STUDENT, args.seed + 1, student)
         wargs = {k: world[k] for k in ("tau", "min_digits", "max_digits", "max_corruptions")}
-        source = {"train": make_synthetic_pairs(world["num_pairs"], args.seed, **wargs),
-                  "test": make_synthetic_pairs(world["num_test"], args.seed + 10_000, **wargs)}
-        tok_path = args.tokenizer or teacher
+        train_rows = make_synthetic_pairs(world["num_pairs"], args.seed, **wargs)
+        # test prompts never seen in training, so evaluation measures generalisation, not recall
+        test_rows = make_synthetic_pairs(world["num_test"], args.seed + 10_000, exclude={r["prompt"] for r in train_rows},
+                                         **wargs)
+        source = {"train": train_rows, "test": test_rows}
+        locs = {k: [f"synthetic/{k}:{i}" for i in range(1, len(v) + 1)] for k, v in source.items()}
     else:
         teacher = args.teacher_model or PAPER_DEFAULTS["teacher_model"]
         student = args.student_model or PAPER_DEFAULTS["student_model"]
-        source = load_source(args.data, skips)
-        tok_path = args.tokenizer or teacher
-    tok = load_tokenizer(tok_path)
-    pool, test = source["train"], source["test"]
+        locs = {}
+        source = load_source(args.data, skips, locs)
+    tok_path = args.tokenizer or teacher
+    tok = load_tokenizer(tok_path)  # for the length filter only
+    pool = list(zip(source["train"], locs.get("train", [])))  # (pair, "file:line")
+    test = list(zip(source["test"], locs.get("test", [])))
     if not pool:
         raise WltError(f"{args.data}: no usable pairs in the training split")
     if not test:  # no test split in the source: carve one first, from the same seeded permutation
@@ -1182,7 +1251,8 @@ def prepare(args) -> dict:
         before = len(parts[name])
         part_skips = Skips(strict=args.strict)
         parts[name] = length_filter(tok, parts[name], args.max_len, part_skips, name)
-        counts[name] = {"before_length_filter": before, "kept": len(parts[name]), "skipped": part_skips.as_dict()["counts"]}
+        counts[name] = {"before_length_filter": before, "kept": len(parts[name]), "skipped": dict(part_skips.counts),
+                        "skipped_examples": {k: list(v) for k, v in part_skips.where.items()}}
         log(f"{name}: {len(parts[name])} pairs kept of {before}"
             + "".join(f"; {n} {r}" for r, n in part_skips.counts.items()))
     skips.report(args.data)
@@ -1198,8 +1268,8 @@ def prepare(args) -> dict:
             "train_dpo.py": {"teacher": dpo, "student": dict(dpo)},
         },
     }
-    for name, rows in parts.items():
-        write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), rows)
+    for name, items in parts.items():
+        write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), [p for p, _ in items])
     write_json(os.path.join(out, "config.json"), config)  # last: its presence marks a complete prepare
     log(f"wrote {data_dir}/{{labeled,unlabeled,test}}.jsonl and {out}/config.json")
     return config
