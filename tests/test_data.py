@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import wlt
-from conftest import SHARED_HH, make_bpe_tokenizer, run_script
+from conftest import ROOT, SHARED_HH, make_bpe_tokenizer, run_script
 
 A = "\n\nAssistant:"
 
@@ -566,3 +566,24 @@ def test_prepare_error_paths_inproc(tmp_path, monkeypatch, capsys, tiny_model_di
     msg = run_main_inproc(monkeypatch, capsys, "--data", skip, "--out", str(tmp_path / "r5"),
                           "--tokenizer", str(empty_dir))
     assert str(empty_dir) in msg
+
+
+def test_synthetic_test_prompts_are_not_training_prompts(synthetic_run):
+    read = lambda n: [json.loads(l) for l in open(os.path.join(synthetic_run, "data", f"{n}.jsonl"))]
+    train = {r["prompt"] for n in ("labeled", "unlabeled") for r in read(n)}
+    test = [r["prompt"] for r in read("test")]
+    assert len(test) == 100 and not train & set(test)
+    rows = wlt.make_synthetic_pairs(50, seed=5, exclude={"sort: 1 2 3 =>"} | set(test))
+    assert not {r["prompt"] for r in rows} & (set(test) | {"sort: 1 2 3 =>"})
+
+
+def test_prepare_reports_length_skips_with_file_and_line(tmp_path, tiny_model_dir):
+    rows = [{"prompt": "p" * (400 if i == 3 else 5), "chosen": " a", "rejected": " b"} for i in range(10)]
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run_script(os.path.join(ROOT, "wlt.py"), "prepare", "--data", str(src), "--out", str(out),
+               "--tokenizer", tiny_model_dir("llama"), "--max-len", "64", "--test-fraction", "0")
+    counts = json.load(open(out / "config.json"))["counts"]
+    skipped = [(k, v) for part in counts.values() for k, v in part["skipped_examples"].items()]
+    assert skipped == [("longer than --max-len 64", [f"{src}:4"])]

@@ -30,7 +30,7 @@ EXPECTED = {
 
 def _load(model_dir):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,26 @@ def test_load_adapter_on_wrong_model_raises(tiny_model_dir, tmp_path):
         wlt.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path / "adapter"))
     with pytest.raises(wlt.WltError):
         wlt.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path))  # no adapter_config.json there
+
+
+def test_load_adapter_rejects_extra_keys_and_regex_targets(tiny_model_dir, tmp_path):
+    """An adapter with a tensor this model has no place for is an error, not silently ignored."""
+    from safetensors.torch import load_file, save_file
+    model = _adapter_model(tiny_model_dir("llama"))
+    _, adapter = wlt.split_lora_state_dict(model.state_dict(), model.wlt_lora)
+    wlt.save_adapter(str(tmp_path), adapter, model.wlt_lora, "llama")
+    d = tmp_path / "adapter"
+    wlt.load_adapter(_load(tiny_model_dir("llama")), str(d))  # as saved: fine
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    sd["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(RANK, 32)
+    save_file(sd, str(d / "adapter_model.safetensors"))
+    with pytest.raises(wlt.WltError, match="unexpected"):
+        wlt.load_adapter(_load(tiny_model_dir("llama")), str(d))
+    cfg = json.load(open(d / "adapter_config.json"))
+    cfg["target_modules"] = ".*proj"
+    json.dump(cfg, open(d / "adapter_config.json", "w"))
+    with pytest.raises(wlt.WltError, match="target_modules"):
+        wlt.load_adapter(_load(tiny_model_dir("llama")), str(d))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

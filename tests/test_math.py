@@ -279,3 +279,10 @@ def test_sft_loss_hand_values():
     logps = torch.tensor([-6.0, -2.0], dtype=torch.float64)
     # 8 nats over 4 tokens -> 2.0
     assert wlt.sft_loss(logps, 4).item() == pytest.approx(2.0, rel=1e-12)
+
+
+def test_label_smoothing_is_only_for_the_sigmoid_loss():
+    x = torch.zeros(2)
+    for loss_type in ("ipo", "hinge"):
+        with pytest.raises(ValueError):
+            wlt.dpo_loss(x, x, x, x, 0.1, loss_type, label_smoothing=0.1)

@@ -1,0 +1,119 @@
+"""Rules of the trainers that a reviewer found broken once: --resume must look at inputs as well as flags,
+a restarted run must not look finished, full-fine-tune DPO gets its own learning rate, the logged lr is the
+one the step used, and prompts with no tokens are skipped. The trainers run in-process (fast) on a tiny
+Llama and a dozen pairs."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+import wlt
+import train_dpo
+import train_sft
+from conftest import make_bpe_tokenizer
+
+PAIRS = [{"prompt": f"Human: question {i}? Assistant:", "chosen": f" a good answer {i}.",
+          "rejected": f" bad {i}"} for i in range(12)]
+
+
+def write_pairs(path, pairs):
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+    return str(path)
+
+
+def run(monkeypatch, script, *argv):
+    monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *argv])
+    script.main()
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_resume_checks_inputs_and_restarts_cleanly(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    out = str(tmp_path / "dpo")
+    argv = ["--model", tiny_model_dir("llama"), "--data", data, "--out", out, "--batch-size", "4",
+            "--eval-pairs", "0", "--max-steps", "2", "--resume"]
+    run(monkeypatch, train_dpo, *argv)
+    assert os.path.isdir(os.path.join(out, "adapter"))
+    capsys.readouterr()
+    run(monkeypatch, train_dpo, *argv)  # same flags, same inputs: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+
+    write_pairs(tmp_path / "pairs.jsonl", PAIRS + PAIRS[:2])  # the input changed: train again
+    run(monkeypatch, train_dpo, *argv)
+    assert "training again" in capsys.readouterr().out
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert cfg["data"]["pairs"] == 14
+
+    # a crash after the start must not leave a folder that looks finished (nor the old adapter)
+    def crash(*a, **k):
+        raise RuntimeError("killed")
+    monkeypatch.setattr(wlt, "setup_model", crash)
+    with pytest.raises(RuntimeError):
+        run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0")
+    assert not os.path.exists(os.path.join(out, "train_config.json"))
+    assert not os.path.exists(os.path.join(out, "adapter"))
+
+
+def test_full_dpo_learning_rate_and_logged_lr(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    out = str(tmp_path / "full")
+    # 4 steps, warmup 2: the step-1 rate is half the peak, then the peak, then cosine: 1, 0.5
+    run(monkeypatch, train_dpo, "--model", tiny_model_dir("llama"), "--data", data, "--out", out,
+        "--batch-size", "3", "--eval-pairs", "0", "--lora-rank", "0", "--warmup-ratio", "0.5",
+        "--max-grad-norm", "0")
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert cfg["args"]["lr"] == 5e-7  # full fine-tune default, 100x below the LoRA default (README)
+    rows = metrics(out)
+    assert [r["lr"] / 5e-7 for r in rows] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert not os.path.exists(os.path.join(out, "adapter"))
+    # no clipping still reports a real gradient norm (valid JSON, no NaN)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+
+
+def test_run_mode_full_dpo_uses_the_runs_full_rate(tmp_path, monkeypatch):
+    """In --run mode the run's config gives LoRA and full fine-tuning different rates."""
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"train": {"train_dpo.py": {"teacher": {"lr_lora": 0.25, "lr_full": 0.125, "beta": 0.3}}}}, f)
+    seen = {}
+
+    def stop(args):
+        seen["args"] = args
+        return None  # as if finished: main returns before any model is loaded
+    monkeypatch.setattr(wlt, "begin", stop)
+    run(monkeypatch, train_dpo, "--teacher", "--run", run_dir, "--lora-rank", "0")
+    assert seen["args"].lr == 0.125 and seen["args"].beta == 0.3
+    run(monkeypatch, train_dpo, "--teacher", "--run", run_dir)
+    assert seen["args"].lr == 0.25
+    run(monkeypatch, train_dpo, "--teacher", "--run", run_dir, "--lr", "0.5", "--beta", "0.1")
+    assert seen["args"].lr == 0.5 and seen["args"].beta == 0.1  # explicit flags win
+    with pytest.raises(wlt.WltError, match="--labels"):
+        run(monkeypatch, train_dpo, "--student", "--run", run_dir)
+
+
+def test_empty_prompt_without_bos_is_skipped_and_counted(tmp_path):
+    from tokenizers import processors
+    tok = make_bpe_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A")  # no BOS, like GPT-2
+    assert tok("").input_ids == []
+    data = write_pairs(tmp_path / "p.jsonl", [{"prompt": "", "chosen": " yes", "rejected": " no"}] + PAIRS[:4])
+
+    class Args:
+        pass
+    args = Args()
+    args.data, args.strict, args.max_len, args.seed, args.eval_pairs = data, False, 64, 0, 0
+    train, _, stats = wlt.load_examples(args, tok, "dpo")
+    assert len(train) == 4 and stats["rows"] == 5
+    assert list(stats["skipped"]["counts"].values()) == [1]
+    assert stats["skipped"]["examples"][next(iter(stats["skipped"]["counts"]))] == [f"{data}:1"]
+    args.strict = True
+    with pytest.raises(wlt.WltError, match=f"{data}:1"):
+        wlt.load_examples(args, tok, "dpo")
