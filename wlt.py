@@ -136,8 +136,9 @@ class Skips:
     where: dict = field(default_factory=dict)
     strict: bool = False
 
-    def add(self, reason: str, loc: str) -> None:
-        if self.strict:
+    def add(self, reason: str, loc: str, policy: bool = False) -> None:
+        """Count a skipped row. policy=True: a documented filter (e.g. the length limit), never an error."""
+        if self.strict and not policy:
             raise WltError(f"{loc}: {reason} (--strict turns skips into errors)")
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.where.setdefault(reason, [])
@@ -217,18 +218,23 @@ def row_to_pair(row: dict, loc: str, skips: Skips) -> dict | None:
     return pair
 
 
+def collect_pairs(numbered_rows, origin: str, skips: Skips, pairs: list, locs: list) -> None:
+    """Append the pair of each (line_number, row) to `pairs` and its "origin:line" to `locs`; rows that
+    cannot be represented are counted in `skips`."""
+    for i, row in numbered_rows:
+        p = row_to_pair(row, f"{origin}:{i}", skips)
+        if p is not None:
+            pairs.append(p)
+            locs.append(f"{origin}:{i}")
+
+
 def read_pairs(path: str, skips: Skips | None = None, locs: list | None = None) -> list[dict]:
     """Read a pair file (.jsonl or .jsonl.gz, any layout row_to_pair accepts). Bad JSON is an error naming
     file:line; unrepresentable rows are counted in `skips` (or raise under skips.strict). If `locs` is a
     list, the "file:line" of each returned pair is appended to it (for later skips, e.g. too long)."""
-    skips = skips if skips is not None else Skips()
     pairs = []
-    for i, row in iter_jsonl(path):
-        p = row_to_pair(row, f"{path}:{i}", skips)
-        if p is not None:
-            pairs.append(p)
-            if locs is not None:
-                locs.append(f"{path}:{i}")
+    collect_pairs(iter_jsonl(path), path, skips if skips is not None else Skips(), pairs,
+                  locs if locs is not None else [])
     return pairs
 
 
@@ -276,6 +282,10 @@ def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, l
     file/folder in any of their layouts or in pair form. Folders with another schema are skipped with a
     message (e.g. hh-rlhf's red-team-attempts). The synthetic world is made by make_synthetic_pairs.
     """
+    out = {"train": [], "test": []}
+    locs = locs if locs is not None else {}
+    for split in out:
+        locs.setdefault(split, [])
     if src in ("hh-rlhf", "tldr") and not os.path.exists(src):
         name = {"hh-rlhf": "Anthropic/hh-rlhf", "tldr": "CarperAI/openai_summarize_comparisons"}[src]
         try:
@@ -284,19 +294,10 @@ def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, l
         except Exception as e:  # offline, no access, ...
             raise WltError(f"could not load {name} from the hub ({type(e).__name__}); "
                            f"download it elsewhere and pass its local folder or file to --data") from None
-        out = {"train": [], "test": []}
         for split, rows in ds.items():
-            key = "train" if split == "train" else "test" if split == "test" else None
-            if key is None:
-                continue
-            for i, row in enumerate(rows, 1):
-                p = row_to_pair(row, f"{name}/{split}:{i}", skips)
-                if p is not None:
-                    out[key].append(p)
-                    if locs is not None:
-                        locs.setdefault(key, []).append(f"{name}/{split}:{i}")
+            if split in out:  # TL;DR's valid1/valid2 are not used
+                collect_pairs(enumerate(rows, 1), f"{name}/{split}", skips, out[split], locs[split])
         return out
-    out = {"train": [], "test": []}
     for split, files in _local_source_files(src).items():
         for path in files:
             rows = _file_rows(path)
@@ -307,12 +308,7 @@ def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, l
             if not {"chosen", "rejected"} <= set(first[1]):
                 log(f"{path}: skipped, not a preference file (fields: {', '.join(sorted(first[1]))})")
                 continue
-            for i, row in itertools.chain([first], rows):
-                p = row_to_pair(row, f"{path}:{i}", skips)
-                if p is not None:
-                    out[split].append(p)
-                    if locs is not None:
-                        locs.setdefault(split, []).append(f"{path}:{i}")
+            collect_pairs(itertools.chain([first], rows), path, skips, out[split], locs[split])
     return out
 
 
@@ -1194,10 +1190,7 @@ def length_filter(tok, items: list[tuple[dict, str]], max_len: int, skips: Skips
             skips.add("a response has no tokens", loc)
             continue
         if len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) > max_len:
-            skips.counts[too_long] = skips.counts.get(too_long, 0) + 1
-            skips.where.setdefault(too_long, [])
-            if len(skips.where[too_long]) < 5:
-                skips.where[too_long].append(loc)
+            skips.add(too_long, loc, policy=True)
             continue
         kept.append((p, loc))
     if fallbacks:
