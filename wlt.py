@@ -324,8 +324,8 @@ def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, l
 
 def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokenize") -> tuple[list[dict], int]:
     """Tokenize pairs with the convention above. Returns ([{"prompt_ids", "chosen_ids", "rejected_ids"}],
-    number of responses that needed the fallback). Response ids include the EOS id; a response with no token
-    before EOS gets an empty list (the caller skips it)."""
+    number of responses that needed the fallback, also reported under `desc`). Response ids include the EOS
+    id; a response with no token before EOS gets an empty list (the caller skips it)."""
     eos = tok.eos_token_id
     if eos is None:
         raise WltError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one")
@@ -349,6 +349,8 @@ def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokeni
                     r = tok(p[k], add_special_tokens=False).input_ids
                 row[f"{k}_ids"] = r + [eos] if r else []
             out.append(row)
+    if fallbacks:
+        log(f"{desc}: {fallbacks} response(s) tokenized alone (prompt ids not a prefix of the joint ids)")
     return out, fallbacks
 
 
@@ -846,9 +848,7 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     n_rows = len(pairs) + skips.total()
     if not pairs:
         raise WltError(f"{args.data}: no usable pairs")
-    exs, fallbacks = tokenize_pairs(tok, pairs)
-    if fallbacks:
-        log(f"{args.data}: {fallbacks} response(s) tokenized alone (prompt ids not a prefix of the joint ids)")
+    exs, fallbacks = tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")
     kept = []
     for e, loc in zip(exs, locs):
         need = ("chosen_ids",) if kind == "sft" else ("chosen_ids", "rejected_ids")
@@ -1183,7 +1183,7 @@ def length_filter(tok, items: list[tuple[dict, str]], max_len: int, skips: Skips
     """items: [(pair, "file:line")]. Keep pairs with len(prompt_ids) + len(longer response ids) <= max_len;
     count the rest (the paper's filter: a documented count, so --strict does not apply to it). A response
     with no tokens at all is a skip (an error under skips.strict)."""
-    toks, fallbacks = tokenize_pairs(tok, [p for p, _ in items], desc=f"length filter ({part})")
+    toks, _ = tokenize_pairs(tok, [p for p, _ in items], desc=f"length filter ({part})")
     kept, too_long = [], f"longer than --max-len {max_len}"
     for (p, loc), t in zip(items, toks):
         if not t["chosen_ids"] or not t["rejected_ids"]:
@@ -1193,8 +1193,6 @@ def length_filter(tok, items: list[tuple[dict, str]], max_len: int, skips: Skips
             skips.add(too_long, loc, policy=True)
             continue
         kept.append((p, loc))
-    if fallbacks:
-        log(f"{part}: {fallbacks} response(s) tokenized alone (prompt ids not a prefix of the joint ids)")
     return kept
 
 
@@ -1231,8 +1229,8 @@ def prepare(args) -> dict:
         source = load_source(args.data, skips, locs)
     tok_path = args.tokenizer or teacher
     tok = load_tokenizer(tok_path)  # for the length filter only
-    pool = list(zip(source["train"], locs.get("train", [])))  # (pair, "file:line")
-    test = list(zip(source["test"], locs.get("test", [])))
+    pool = list(zip(source["train"], locs["train"]))  # (pair, "file:line")
+    test = list(zip(source["test"], locs["test"]))
     if not pool:
         raise WltError(f"{args.data}: no usable pairs in the training split")
     if not test:  # no test split in the source: carve one first, from the same seeded permutation
