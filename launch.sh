@@ -1,36 +1,84 @@
 #!/usr/bin/env bash
-# The paper's pipeline, stage by stage; each stage is skipped when its complete output exists with the
-# same settings (the scripts' --resume check), so a rerun only does what is missing.
+# The paper's experiment end to end, stage by stage:
+#   prepare -> teacher SFT -> teacher DPO -> label D_u -> student SFT -> student DPO on weak labels
+#   -> student DPO on human labels -> evaluate
+# Each stage is skipped when its complete output exists with the same settings and unchanged inputs, so a
+# rerun only does what is missing; a stage whose settings or inputs changed runs again, and with it every
+# stage that reads its output.
 #
-#   bash launch.sh [synthetic]        the offline default: a generated world, tiny models, CPU
+#   bash launch.sh                  the offline default: the synthetic world, tiny models, CPU (~10 min, 2 cores)
+#   bash launch.sh hh               OPT-125M teacher, OPT-1.3B student, Anthropic/hh-rlhf, beta 0.1,
+#                                   gold reward Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
+#   bash launch.sh tldr             the same on TL;DR (CarperAI/openai_summarize_comparisons), beta 0.5,
+#                                   gold reward OpenAssistant/reward-model-deberta-v3-large-v2
 #
-# Environment: RUN (run directory, default runs/PRESET), NPROC (processes per stage; >1 uses torchrun),
-# PYTHON (interpreter, default python3). Stages after the teacher (label.py, student SFT/DPO,
-# evaluate.py) and the hh / tldr presets arrive with the pipeline issue; see README "Status".
+# Settings (environment variables; README "launch.sh settings"):
+#   RUN      run directory (default runs/PRESET)          NPROC   processes per stage (>1: torchrun)
+#   PYTHON   interpreter (default python3)                DATA    data source: hub name or local file/folder
+#   TEACHER  teacher base model                           STUDENT student base model
+#   BETA     DPO beta of every stage and of the labels    LABELED_FRACTION   share of training pairs in D_l
+#   SEED     split seed (default 22, the paper's)         GOLD_RM gold reward model (hh / tldr)
+#   PREPARE_ARGS, SFT_ARGS, DPO_ARGS, LABEL_ARGS, EVAL_ARGS: extra flags for that stage's script
+#     (SFT_ARGS and DPO_ARGS go to the teacher's and the student's stages alike)
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=${1:-synthetic}
 RUN=${RUN:-runs/$PRESET}
 NPROC=${NPROC:-1}
 PY=${PYTHON:-python3}
+SEED=${SEED:-22}
 
-run() {
+case "$PRESET" in
+  synthetic)
+    DATA=${DATA:-synthetic}; TEACHER=${TEACHER:-}; STUDENT=${STUDENT:-}; BETA=${BETA:-}; GOLD_RM=${GOLD_RM:-}
+    LABEL_ARGS=${LABEL_ARGS:---batch-size 64}; EVAL_ARGS=${EVAL_ARGS:---batch-size 64} ;;
+  hh)
+    DATA=${DATA:-hh-rlhf}; TEACHER=${TEACHER:-facebook/opt-125m}; STUDENT=${STUDENT:-facebook/opt-1.3b}
+    BETA=${BETA:-0.1}; GOLD_RM=${GOLD_RM:-Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback} ;;
+  tldr)
+    DATA=${DATA:-tldr}; TEACHER=${TEACHER:-facebook/opt-125m}; STUDENT=${STUDENT:-facebook/opt-1.3b}
+    BETA=${BETA:-0.5}; GOLD_RM=${GOLD_RM:-OpenAssistant/reward-model-deberta-v3-large-v2} ;;
+  *) echo "launch.sh: unknown preset '$PRESET' (synthetic, hh, tldr)" >&2; exit 2 ;;
+esac
+
+# word-splitting of the *_ARGS variables is intended: they hold extra flags
+read -r -a PREPARE_X <<< "${PREPARE_ARGS:-}"
+read -r -a SFT_X <<< "${SFT_ARGS:-}"
+read -r -a DPO_X <<< "${DPO_ARGS:-}"
+read -r -a LABEL_X <<< "${LABEL_ARGS:-}"
+read -r -a EVAL_X <<< "${EVAL_ARGS:-}"
+PREP=(--data "$DATA" --out "$RUN" --seed "$SEED")
+[ -n "$TEACHER" ] && PREP+=(--teacher-model "$TEACHER")
+[ -n "$STUDENT" ] && PREP+=(--student-model "$STUDENT")
+[ -n "$BETA" ] && PREP+=(--beta "$BETA")
+[ -n "${LABELED_FRACTION:-}" ] && PREP+=(--labeled-fraction "$LABELED_FRACTION")
+GOLD=()
+[ -n "$GOLD_RM" ] && GOLD=(--gold-rm "$GOLD_RM")
+
+run() {  # one stage, under torchrun when NPROC > 1
   if [ "$NPROC" -gt 1 ]; then
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
   else
     "$PY" "$@"
   fi
 }
+START=$SECONDS
+stage() { echo; echo "== $1  [$(( SECONDS - START )) s]"; }
 
-case "$PRESET" in
-  synthetic) PREPARE=(--data synthetic) ;;
-  *) echo "launch.sh: preset '$PRESET' is not available yet (only: synthetic)" >&2; exit 2 ;;
-esac
-
-echo "== 1/3 prepare -> $RUN"
-if [ -f "$RUN/config.json" ]; then echo "   done already: $RUN/config.json"; else "$PY" wlt.py prepare "${PREPARE[@]}" --out "$RUN"; fi
-echo "== 2/3 teacher SFT -> $RUN/teacher/sft"
-run train_sft.py --teacher --run "$RUN" --resume
-echo "== 3/3 teacher DPO -> $RUN/teacher/dpo"
-run train_dpo.py --teacher --run "$RUN" --resume
-echo "== done: teacher reference $RUN/teacher/sft, weak teacher $RUN/teacher/dpo (metrics.jsonl in each)"
+stage "1/8 prepare -> $RUN"
+"$PY" wlt.py prepare "${PREP[@]}" "${PREPARE_X[@]}"
+stage "2/8 teacher SFT -> $RUN/teacher/sft"
+run train_sft.py --teacher --run "$RUN" --resume "${SFT_X[@]}"
+stage "3/8 teacher DPO -> $RUN/teacher/dpo"
+run train_dpo.py --teacher --run "$RUN" --resume "${DPO_X[@]}"
+stage "4/8 label D_u with the weak teacher -> $RUN/data/weak.jsonl"
+run label.py --teacher --run "$RUN" "${LABEL_X[@]}"
+stage "5/8 student SFT -> $RUN/student/sft"
+run train_sft.py --student --run "$RUN" --resume "${SFT_X[@]}"
+stage "6/8 student DPO on the weak labels -> $RUN/student/dpo-weak"
+run train_dpo.py --student --labels weak --run "$RUN" --resume "${DPO_X[@]}"
+stage "7/8 student DPO on the human labels -> $RUN/student/dpo-human"
+run train_dpo.py --student --labels human --run "$RUN" --resume "${DPO_X[@]}"
+stage "8/8 evaluate -> $RUN/eval/results.md"
+run evaluate.py --run "$RUN" "${GOLD[@]}" "${EVAL_X[@]}"
+echo "== done in $(( SECONDS - START )) s: $RUN/eval/results.md"

@@ -5,7 +5,8 @@ Everything the scripts share lives here, in the order a reader meets it in the p
     1. small utilities (rank-0 logging, atomic writes, clear errors)
     2. data: sources (HH-RLHF, TL;DR, pair .jsonl, the synthetic world), the HH dialogue split, reading pairs
     3. tokenization and collation (one convention everywhere, see tokenize_pair)
-    4. the math: response_logps (the log-prob kernel), dpo_loss (DPO / cDPO / IPO / hinge), sft_loss
+    4. the math: response_logps (the log-prob kernel), implicit_reward (Eq. 5), dpo_loss (DPO / cDPO / IPO /
+       hinge), sft_loss
     5. LoRA written in torch, its PEFT-compatible adapter files and the merge
     6. model loading, devices, FSDP2 sharding and full-state-dict saving
     7. the synthetic world (offline default): digits to sort, exact gold reward, Bradley-Terry "humans"
@@ -90,6 +91,13 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
+    atomic_write(path, w)
+
+
+def write_text(path: str, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
     atomic_write(path, w)
 
 
@@ -416,6 +424,20 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (tok_logp * mask).sum(-1)
 
 
+def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The DPO implicit reward, and the weak teacher's label reward (Tao & Li Eq. 5; DPO Eq. 5):
+    r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)). policy_logps, ref_logps: [B] summed response
+    log-probs (response_logps). Returns [B]. (The partition term beta * log Z(x) is the same for both
+    responses of a prompt, so it cancels in every comparison and is left out.)"""
+    return beta * (policy_logps - ref_logps)
+
+
+def weak_labels(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Which response the weak teacher prefers (Tao & Li section 3.2, after Eq. 5): [B] bool, True when the
+    input's "chosen" response keeps the higher reward (ties keep the input order). Inputs: [B] rewards."""
+    return chosen_rewards >= rejected_rewards
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0
@@ -443,8 +465,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         losses = torch.relu(1 - beta * h)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r} (sigmoid, ipo, hinge)")
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach()
+    rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -715,6 +737,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
+
+
+def gather_dicts(d: dict) -> dict:
+    """Merge every rank's dict on rank 0 (other ranks get {}): how sharded labeling and evaluation collect
+    their results. Values must be picklable; a collective, so every rank must call it."""
+    if world_size() == 1:
+        return d
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, d)
+    if rank() != 0:
+        return {}
+    out = {}
+    for p in parts:
+        out.update(p)
+    return out
 
 
 def barrier() -> None:
@@ -1016,6 +1053,17 @@ def fingerprint(path: str | None):
     return out
 
 
+def same_settings(marker: str, settings: dict, inputs: dict, ignore=("resume",)) -> bool:
+    """True when the completion marker of a stage (a JSON file with "args" and "inputs", written last) records
+    the same settings (except `ignore`) and the same input fingerprints: the stage's output is current."""
+    try:
+        prev = json.load(open(marker))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return prev.get("inputs") == inputs and all(
+        prev.get("args", {}).get(k) == v for k, v in settings.items() if k not in ignore)
+
+
 def begin(args) -> dict | None:
     """Start of a training run. Returns None when --resume finds a finished run in --out with the same
     settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
@@ -1024,13 +1072,7 @@ def begin(args) -> dict | None:
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     marker = os.path.join(args.out, "train_config.json")
     if args.resume and os.path.isfile(marker):
-        try:
-            prev = json.load(open(marker))
-        except json.JSONDecodeError:
-            prev = {}
-        same = prev.get("inputs") == inputs and all(
-            prev.get("args", {}).get(k) == v for k, v in vars(args).items() if k != "resume")
-        if same:
+        if same_settings(marker, vars(args), inputs):
             log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--resume)")
             return None
         log(f"{args.out}: settings or inputs changed since the finished run there; training again")
@@ -1157,6 +1199,9 @@ SYNTHETIC_DEFAULTS = {  # calibrated on 2 CPU cores (README, "The synthetic worl
     "sft": {"lr": 3e-3, "epochs": 4, "batch_size": 32},
     "sft_student": {"lr": 3e-3, "epochs": 8, "batch_size": 32},
     "dpo": {"lr_lora": 1e-3, "lr_full": 1e-4, "epochs": 1, "batch_size": 16},
+    # The student's DPO is full-parameter here: LoRA DPO of this tiny student on the weak labels learnt to stop
+    # early (gold 0.82 after SFT -> 0.49; README, "The synthetic world"), full DPO at 1e-4 did not (0.91).
+    "dpo_student": {"lora_rank": 0},
 }
 
 
@@ -1196,8 +1241,19 @@ def length_filter(tok, items: list[tuple[dict, str]], max_len: int, skips: Skips
     return kept
 
 
-def prepare(args) -> dict:
+def prepare(args) -> dict | None:
+    """Write runs/NAME/data/{labeled,unlabeled,test}.jsonl and config.json. Returns the config, or None when
+    config.json already records the same settings and an unchanged source (nothing to do)."""
     out = args.out
+    settings = {k: v for k, v in vars(args).items() if k not in ("cmd", "overwrite")}
+    inputs = {"data": fingerprint(args.data)}
+    marker = os.path.join(out, "config.json")
+    if not args.overwrite and same_settings(marker, settings, inputs):
+        log(f"{marker}: prepared already with the same settings; nothing to do (--overwrite prepares again)")
+        return None
+    if os.path.isfile(marker):
+        log(f"{marker}: settings or source changed; preparing again (later stages will rerun)")
+        os.remove(marker)
     data_dir = os.path.join(out, "data")
     skips = Skips(strict=args.strict)
     syn = args.data == "synthetic"
@@ -1253,10 +1309,10 @@ def prepare(args) -> dict:
     config = {
         "source": args.data, "labeled_fraction": labeled_fraction, "seed": args.seed, "max_len": args.max_len,
         "tokenizer": tok_path, "teacher_model": teacher, "student_model": student, "beta": beta,
-        "synthetic": world, "counts": counts, "source_skips": skips.as_dict(),
+        "synthetic": world, "counts": counts, "source_skips": skips.as_dict(), "args": settings, "inputs": inputs,
         "train": {
             "train_sft.py": {"teacher": dict(sft_t, model=teacher), "student": dict(sft_s, model=student)},
-            "train_dpo.py": {"teacher": dpo, "student": dict(dpo)},
+            "train_dpo.py": {"teacher": dpo, "student": dict(dpo, **defaults.get("dpo_student", {}))},
         },
     }
     for name, items in parts.items():
@@ -1283,6 +1339,8 @@ def main() -> None:
     p.add_argument("--student-model", default=None, help="student base model, recorded in config.json (default: facebook/opt-1.3b; synthetic: a tiny Llama)")
     p.add_argument("--beta", type=float, default=None, help="DPO beta recorded for the run (default 0.1; synthetic 0.5)")
     p.add_argument("--strict", action="store_true", help="make every skipped source row an error")
+    p.add_argument("--overwrite", action="store_true",
+                   help="prepare again even if config.json records the same settings (default: nothing to do then)")
     p.add_argument("--num-pairs", dest="num_pairs", type=int, default=None, help=f"synthetic: training pairs ({SYN_DEFAULTS['num_pairs']})")
     p.add_argument("--num-test", dest="num_test", type=int, default=None, help=f"synthetic: test pairs ({SYN_DEFAULTS['num_test']})")
     p.add_argument("--tau", type=float, default=None, help=f"synthetic: Bradley-Terry temperature of the human labels ({SYN_DEFAULTS['tau']})")

@@ -1,0 +1,485 @@
+"""Evaluation as in the paper (section 4.1 and 4.3): sample from each policy on the test prompts, score the
+samples with a gold reward, compare the policies, and analyse the weak labels against the human ones.
+
+    python evaluate.py --run runs/demo                     the synthetic world: exact gold reward
+    python evaluate.py --run runs/hh --gold-rm Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
+    python evaluate.py --policy a=out/a --policy b=out/b --prompts test.jsonl --gold-rm RM --out eval/
+    torchrun --nproc_per_node 2 evaluate.py --run runs/demo  (each process takes a share of the prompts)
+
+Policies with --run: base (the student's base model), sft (student/sft, the DPO reference), human
+(student/dpo-human, DPO on D_u's human labels) and weak (student/dpo-weak, DPO on the teacher's labels);
+missing ones are left out with a message. --policy NAME=PATH (repeatable) chooses them explicitly.
+
+Sampling: temperature 0.7 and at most 256 new tokens (flags), left-padded batches with a KV cache; every
+prompt has its own random generator seeded with --seed + its index, so a sample does not depend on the
+batch it falls in, and all policies see the same random numbers (paired comparisons).
+
+Gold reward: in the synthetic world the exact function of (prompt, response) (wlt.gold_reward). Otherwise
+any HF sequence-classification reward model with one output (--gold-rm), fed in one of two formats:
+  chat  the prompt's turns ("Human:" -> user, "Assistant:" -> assistant) plus the response as the last
+        assistant turn, through the reward model's chat template (e.g. the Mistral-7B reward model);
+  pair  (question, answer) = (prompt text, response) as a text pair (e.g. OpenAssistant's DeBERTa model).
+--rm-format auto takes chat when the reward model's tokenizer has a chat template, else pair.
+
+Outputs in --out (default runs/NAME/eval): results.md (the paper's table layout), results.json (every
+number), generations.jsonl (policy, index, prompt, response, gold). results.json is written last and marks
+a complete evaluation: rerunning the same command on unchanged inputs prints the table again and stops.
+"""
+import argparse
+import math
+import os
+import random
+import re
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import wlt
+
+ROLE_NAMES = {"base": "base model", "sft": "SFT (reference)", "human": "pi_human (DPO, human labels)",
+              "weak": "pi_weak (DPO, weak labels)"}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("what to evaluate")
+    g.add_argument("--run", default=None, help="run directory: its student policies, test prompts, labels and gold reward")
+    g.add_argument("--policy", action="append", default=[], metavar="NAME=PATH",
+                   help="a policy to evaluate (repeatable); replaces the run's default set")
+    g.add_argument("--prompts", default=None, help="prompt file (.jsonl with a \"prompt\" field; default: the run's data/test.jsonl)")
+    g.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
+    g.add_argument("--num-prompts", type=int, default=0, help="evaluate the first N prompts (0: all)")
+    s = ap.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7); 0 = greedy")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens per sample (paper: 256)")
+    s.add_argument("--max-len", type=int, default=512, help="prompt + new tokens; longer prompts lose tokens from the left (counted)")
+    s.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    s.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, for every policy")
+    s.add_argument("--chat-template", action="store_true",
+                   help="feed prompts to the policies through their tokenizer's chat template (for chat models)")
+    r = ap.add_argument_group("gold reward")
+    r.add_argument("--gold-rm", default=None,
+                   help="HF sequence-classification reward model (name or folder); default: exact in the synthetic world")
+    r.add_argument("--rm-format", choices=["auto", "chat", "pair"], default="auto", help="reward model input format (see above)")
+    r.add_argument("--rm-batch-size", type=int, default=8, help="sequences per reward-model forward")
+    r.add_argument("--rm-max-len", type=int, default=1024, help="reward-model input tokens (truncated from the left beyond)")
+    r.add_argument("--analysis-pairs", type=int, default=2000,
+                   help="label-quality analysis with a reward model: score this many D_u pairs (seeded sample; 0: all). "
+                        "The synthetic world's gold reward is exact and always covers every pair")
+    o = ap.add_argument_group("other")
+    o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
+    o.add_argument("--overwrite", action="store_true", help="evaluate again even if complete results with the same settings exist")
+    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    args = ap.parse_args()
+    if not args.run and not (args.policy and args.prompts and args.out):
+        ap.error("give --run, or --policy NAME=PATH (one or more), --prompts and --out")
+    if args.run:
+        args.out = args.out or os.path.join(args.run, "eval")
+        args.prompts = args.prompts or os.path.join(args.run, "data", "test.jsonl")
+    for p in args.policy:
+        if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
+            ap.error(f"--policy {p!r}: expected NAME=PATH")
+    return args
+
+
+def run_config(run: str | None) -> dict:
+    if not run:
+        return {}
+    path = os.path.join(run, "config.json")
+    try:
+        import json
+        return json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise wlt.WltError(f"{path}: cannot read the run's config ({wlt.one_line(e)}); run `wlt.py prepare` first") from None
+
+
+def policies(args, cfg: dict) -> dict[str, str]:
+    """name -> model path, in table order."""
+    if args.policy:
+        return dict(p.split("=", 1) for p in args.policy)
+    s = os.path.join(args.run, "student")
+    candidates = {"base": cfg.get("student_model"), "sft": os.path.join(s, "sft"),
+                  "human": os.path.join(s, "dpo-human"), "weak": os.path.join(s, "dpo-weak")}
+    out = {}
+    for name, path in candidates.items():
+        done = path and (not os.path.isabs(path) and not os.path.exists(path)  # a hub name
+                         or os.path.isfile(os.path.join(path, "config.json")))
+        if done:
+            out[name] = path
+        else:
+            wlt.log(f"policy {name}: {path} not found, left out")
+    if not out:
+        raise wlt.WltError(f"{args.run}: no trained policy to evaluate")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def hh_messages(prompt: str) -> list[dict]:
+    """An HH-RLHF prompt ("\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:") as chat
+    messages; a prompt without those markers is one user message."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    if len(parts) < 3:
+        return [{"role": "user", "content": prompt.strip()}]
+    msgs = []
+    for who, text in zip(parts[1::2], parts[2::2]):
+        text = text.strip()
+        if text:
+            msgs.append({"role": "user" if who == "Human" else "assistant", "content": text})
+    return msgs or [{"role": "user", "content": prompt.strip()}]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from softmax(logits / T), each row with its own generator. logits: [B, V] -> [B]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], seeds: list[int], eos: int, pad: int, temperature: float,
+             max_new_tokens: int, dev, dtype: str) -> list[list[int]]:
+    """Sample continuations of left-padded prompts with a KV cache. Positions are passed explicitly (the
+    count of real tokens before each one), so left padding does not shift them in any family.
+    Returns the new token ids per prompt, up to and including EOS."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    next_pos = mask.sum(-1, keepdim=True)
+    with wlt.autocast(dev, dtype):
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(res.logits[:, -1], temperature, gens)
+            for i in (~done).nonzero().flatten().tolist():
+                out[i].append(int(nxt[i]))
+            done |= nxt == eos
+            if done.all():
+                break
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                        past_key_values=res.past_key_values, use_cache=True)
+            next_pos = next_pos + 1
+    return out
+
+
+def shard_map(n: int, fn, desc: str, unit: str) -> dict:
+    """Run fn(list of indices) -> {index: value} over items 0..n-1, split over the ranks; rank 0 gets all."""
+    mine = list(range(wlt.rank(), n, wlt.world_size()))
+    res = fn(mine, tqdm(total=n, desc=desc, unit=unit, disable=wlt.rank() != 0))
+    return wlt.gather_dicts(res)
+
+
+def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: dict) -> dict[int, str]:
+    """{prompt index: response text} for one policy (this rank's share; rank 0 gets all after gathering)."""
+    wlt.check_model_dir(path)
+    tok = wlt.load_tokenizer(path, args.trust_remote_code)
+    model = wlt.load_model(path, args.trust_remote_code).to(dev).eval()
+    eos, pad = tok.eos_token_id, wlt.pad_id(tok)
+    if eos is None:
+        raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
+    room = args.max_len - args.max_new_tokens
+    if room < 1:
+        raise wlt.WltError(f"--max-len {args.max_len} leaves no room for a prompt next to --max-new-tokens {args.max_new_tokens}")
+    if args.chat_template:
+        if not tok.chat_template:
+            raise wlt.WltError(f"{path}: --chat-template given but the tokenizer has no chat template")
+        texts = [tok.apply_chat_template(hh_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+        enc = tok(texts, add_special_tokens=False).input_ids
+    else:
+        enc = tok(prompts).input_ids  # the training convention: the tokenizer's own special tokens (BOS)
+    stats[name] = {"prompts_cut": sum(len(e) > room for e in enc)}
+    enc = [e[-room:] for e in enc]
+
+    def work(idx, bar):
+        res = {}
+        idx = sorted(idx, key=lambda i: -len(enc[i]))  # similar lengths together: less padding
+        for s in range(0, len(idx), args.batch_size):
+            b = idx[s:s + args.batch_size]
+            new = generate(model, [enc[i] for i in b], [args.seed + i for i in b], eos, pad, args.temperature,
+                           args.max_new_tokens, dev, args.dtype)
+            for i, ids in zip(b, new):
+                res[i] = tok.decode([t for t in ids if t != eos], skip_special_tokens=True)
+            bar.update(len(b) * wlt.world_size())
+        bar.close()
+        return res
+
+    t0 = time.time()
+    out = shard_map(len(prompts), work, f"sample {name}", "prompt")
+    stats[name]["seconds"] = time.time() - t0
+    del model
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gold reward
+
+
+class GoldRM:
+    """A sequence-classification reward model with a single score, fed chat messages or a text pair."""
+
+    def __init__(self, path: str, fmt: str, batch_size: int, max_len: int, dev, dtype: str, trust: bool):
+        from transformers import AutoModelForSequenceClassification
+        wlt.check_model_dir(path)
+        self.tok = wlt.load_tokenizer(path, trust)
+        use_bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if use_bf16 else torch.float32, trust_remote_code=trust).to(dev).eval()
+        except (OSError, ValueError) as e:
+            raise wlt.WltError(f"cannot load reward model {path!r}: {wlt.one_line(e)}") from None
+        if self.model.config.num_labels != 1:
+            raise wlt.WltError(f"{path}: a reward model has one output, this one has {self.model.config.num_labels}")
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        if self.model.config.pad_token_id is None:  # decoder RMs score the last non-pad token
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.tok.padding_side = "right"
+        self.tok.truncation_side = "left"
+        self.fmt = fmt if fmt != "auto" else ("chat" if self.tok.chat_template else "pair")
+        self.path, self.batch_size, self.max_len, self.dev = path, batch_size, max_len, dev
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        if self.fmt == "chat":
+            msgs = hh_messages(prompt) + [{"role": "assistant", "content": response.strip()}]
+            text = self.tok.apply_chat_template(msgs, tokenize=False)
+            return self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len).input_ids
+        return self.tok(prompt.strip(), response.strip(), truncation="only_first", max_length=self.max_len).input_ids
+
+    @torch.no_grad()
+    def score(self, items: list[tuple[str, str]], desc: str) -> list[float]:
+        """Gold rewards of (prompt, response) items, split over the ranks; every rank gets the full list."""
+        enc = [self.encode(p, r) for p, r in items]
+
+        def work(idx, bar):
+            res = {}
+            idx = sorted(idx, key=lambda i: -len(enc[i]))
+            for s in range(0, len(idx), self.batch_size):
+                b = idx[s:s + self.batch_size]
+                batch = self.tok.pad({"input_ids": [enc[i] for i in b]}, return_tensors="pt")
+                logits = self.model(**{k: v.to(self.dev) for k, v in batch.items()}).logits
+                for i, v in zip(b, logits[:, 0].float().cpu().tolist()):
+                    res[i] = v
+                bar.update(len(b) * wlt.world_size())
+            bar.close()
+            return res
+
+        res = shard_map(len(items), work, desc, "seq")
+        res = broadcast(res)
+        return [res[i] for i in range(len(items))]
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    if wlt.world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics (pure functions)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error, sample std / sqrt(n)."""
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
+
+
+def paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a_i - b_i over the same prompts and its standard error (the paired comparison)."""
+    return mean_se([x - y for x, y in zip(a, b)])
+
+
+def win_rate(a: list[float], b: list[float]) -> dict:
+    """Share of prompts where a's sample has the higher gold reward than b's; ties counted apart."""
+    n = len(a)
+    wins = sum(x > y for x, y in zip(a, b))
+    ties = sum(x == y for x, y in zip(a, b))
+    return {"win": wins / n, "tie": ties / n, "loss": (n - wins - ties) / n, "n": n,
+            "win_excluding_ties": wins / (n - ties) if n > ties else float("nan")}
+
+
+def label_quality(rows: list[dict], gold: list[tuple[float, float]]) -> dict:
+    """Paper section 4 / Table 2 on labeled pairs. rows: label.py output (teacher order, human_agrees);
+    gold: (gold reward of the row's chosen, of its rejected). Subsets: match (teacher agrees with the human
+    label) and mismatch. Reported per subset by the *human* label: mean gold reward of the human-chosen and
+    human-rejected responses and their gap; on the mismatches, the share where the teacher's choice has the
+    higher gold reward (paper: 44.3%); the gold accuracy of both label sources (gold ties counted apart)."""
+    out = {"pairs": len(rows)}
+    hum = [(gc, gr) if r["human_agrees"] else (gr, gc) for r, (gc, gr) in zip(rows, gold)]  # (human-chosen, -rejected)
+    for name, keep in (("match", True), ("mismatch", False)):
+        sub = [h for r, h in zip(rows, hum) if r["human_agrees"] == keep]
+        if not sub:
+            out[name] = {"pairs": 0}
+            continue
+        c, rj = [x for x, _ in sub], [y for _, y in sub]
+        out[name] = {"pairs": len(sub), "share": len(sub) / len(rows), "gold_chosen": statistics.fmean(c),
+                     "gold_rejected": statistics.fmean(rj), "gap": statistics.fmean(c) - statistics.fmean(rj)}
+    mm = [(gc, gr) for r, (gc, gr) in zip(rows, gold) if not r["human_agrees"]]
+    if mm:
+        out["mismatch"]["teacher_right"] = sum(gc > gr for gc, gr in mm) / len(mm)
+        out["mismatch"]["gold_ties"] = sum(gc == gr for gc, gr in mm) / len(mm)
+    out["gold_accuracy"] = {"human": sum(c > r for c, r in hum) / len(hum),
+                            "weak": sum(gc > gr for gc, gr in gold) / len(gold),
+                            "gold_ties": sum(gc == gr for gc, gr in gold) / len(gold)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the table
+
+
+def fmt(x: float, nd: int = 3, sign: bool = False) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def results_markdown(res: dict) -> str:
+    s = res["setup"]
+    lines = [f"# Results: {s['what']}", "",
+             f"Gold reward: {s['gold']}. {s['prompts']} test prompts, temperature {s['temperature']}, "
+             f"at most {s['max_new_tokens']} new tokens, seed {s['seed']}.", "",
+             "| policy | gold reward (mean ± SE) | vs base | vs SFT (paired) |", "| --- | --- | --- | --- |"]
+    for name, p in res["policies"].items():
+        vs_sft = p.get("vs_sft")
+        sft_cell = "" if not vs_sft else f"{fmt(vs_sft['delta'], sign=True)} ± {fmt(vs_sft['se'])} ({vs_sft['z']:+.1f} SE)"
+        lines.append(f"| {ROLE_NAMES.get(name, name)} | {fmt(p['mean'])} ± {fmt(p['se'])} | "
+                     f"{fmt(p['vs_base'], sign=True) if p.get('vs_base') is not None else ''} | {sft_cell} |")
+    if "win_rate" in res:
+        w = res["win_rate"]
+        lines += ["", f"Win rate of pi_weak against pi_human by gold reward, over {w['n']} prompts: "
+                      f"{100 * w['win']:.1f}% win, {100 * w['tie']:.1f}% tie, {100 * w['loss']:.1f}% loss "
+                      f"({100 * w['win_excluding_ties']:.1f}% of the decided prompts)."]
+    lq = res.get("label_quality")
+    if lq:
+        lines += ["", f"## Label quality on D_u ({lq['pairs']} pairs{', ' + lq['sample'] if lq.get('sample') else ''})", "",
+                  f"Weak labels agree with the human labels on {100 * lq['agreement']:.1f}% of D_u "
+                  f"({lq['agreement_pairs']} pairs; paper, HH-RLHF: 60.6%).", "",
+                  "| subset | pairs | gold reward of human-chosen | of human-rejected | gap |", "| --- | --- | --- | --- | --- |"]
+        for name in ("match", "mismatch"):
+            m = lq[name]
+            if m["pairs"]:
+                lines.append(f"| {name} | {m['pairs']} ({100 * m['share']:.1f}%) | {fmt(m['gold_chosen'])} | "
+                             f"{fmt(m['gold_rejected'])} | {fmt(m['gap'], sign=True)} |")
+        if "teacher_right" in lq["mismatch"]:
+            lines += ["", f"On the mismatches the teacher's choice has the higher gold reward in "
+                          f"{100 * lq['mismatch']['teacher_right']:.1f}% of pairs (paper: 44.3%)."]
+        ga = lq["gold_accuracy"]
+        lines += ["", f"Gold accuracy (the chosen response has the higher gold reward): human labels "
+                      f"{100 * ga['human']:.1f}%, weak labels {100 * ga['weak']:.1f}%"
+                      + (f" ({100 * ga['gold_ties']:.1f}% of pairs tie in gold reward)." if ga["gold_ties"] else ".")]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    cfg = run_config(args.run)
+    synthetic = cfg.get("source") == "synthetic" and not args.gold_rm
+    if not synthetic and not args.gold_rm:
+        raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
+    pols = policies(args, cfg)
+    weak_path = os.path.join(args.run, "data", "weak.jsonl") if args.run else None
+    inputs = {"policies": {n: wlt.fingerprint(p) for n, p in pols.items()}, "prompts": wlt.fingerprint(args.prompts),
+              "weak": wlt.fingerprint(weak_path), "gold_rm": wlt.fingerprint(args.gold_rm)}
+    marker = os.path.join(args.out, "results.json")
+    if not args.overwrite and wlt.same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
+        wlt.log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
+        wlt.log(open(os.path.join(args.out, "results.md")).read())
+        return
+    wlt.init_distributed()
+    dev = wlt.device()
+    if wlt.rank() == 0 and os.path.isfile(marker):
+        os.remove(marker)
+
+    # ---- prompts
+    rows = [r for _, r in wlt.iter_jsonl(args.prompts)]
+    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
+    if bad:
+        raise wlt.WltError(f"{args.prompts}:{bad[0]}: no \"prompt\" string field ({len(bad)} such rows)")
+    prompts = [r["prompt"] for r in rows]
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    if not prompts:
+        raise wlt.WltError(f"{args.prompts}: no prompts")
+    wlt.log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
+
+    # ---- sample every policy (one model in memory at a time)
+    gen_stats, responses = {}, {}
+    for name, path in pols.items():
+        responses[name] = broadcast(sample_policy(args, name, path, prompts, dev, gen_stats))
+
+    # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
+    weak_rows = [r for _, r in wlt.iter_jsonl(weak_path)] if weak_path and os.path.isfile(weak_path) else []
+    lq_rows, sample_note = weak_rows, ""
+    if synthetic:
+        gold_name = "exact (synthetic world)"
+        gold = {n: [wlt.gold_reward(p, r[i]) for i, p in enumerate(prompts)] for n, r in responses.items()}
+        lq_gold = [(wlt.gold_reward(r["prompt"], r["chosen"]), wlt.gold_reward(r["prompt"], r["rejected"])) for r in lq_rows]
+    else:
+        rm = GoldRM(args.gold_rm, args.rm_format, args.rm_batch_size, args.rm_max_len, dev, args.dtype, args.trust_remote_code)
+        gold_name = f"{args.gold_rm} ({rm.fmt} format)"
+        gold = {n: rm.score([(p, r[i]) for i, p in enumerate(prompts)], f"gold {n}") for n, r in responses.items()}
+        if lq_rows and args.analysis_pairs and len(lq_rows) > args.analysis_pairs:
+            pick = sorted(random.Random(args.seed).sample(range(len(lq_rows)), args.analysis_pairs))
+            lq_rows = [lq_rows[i] for i in pick]
+            sample_note = f"a seeded sample of {len(lq_rows)} of {len(weak_rows)}"
+        flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold D_u") if lq_rows else []
+        lq_gold = list(zip(flat[0::2], flat[1::2]))
+        del rm
+    if wlt.rank() != 0:
+        wlt.barrier()
+        return
+
+    # ---- statistics and tables
+    res = {"setup": {"what": args.run or args.out, "gold": gold_name, "prompts": len(prompts),
+                     "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
+           "policies": {}}
+    for name, g in gold.items():
+        m, se = mean_se(g)
+        p = {"path": pols[name], "mean": m, "se": se, "n": len(g), **gen_stats[name],
+             "mean_response_words": statistics.fmean(len(r.split()) for r in responses[name].values())}
+        if "base" in gold and name != "base":
+            p["vs_base"] = m - statistics.fmean(gold["base"])
+        if "sft" in gold and name not in ("sft", "base"):
+            d, dse = paired_delta(g, gold["sft"])
+            p["vs_sft"] = {"delta": d, "se": dse, "z": d / dse if dse > 0 else float("inf") if d > 0 else 0.0}
+        res["policies"][name] = p
+    if "weak" in gold and "human" in gold:
+        res["win_rate"] = win_rate(gold["weak"], gold["human"])
+    if lq_rows:
+        lq = label_quality(lq_rows, lq_gold)
+        lq.update(agreement=sum(r["human_agrees"] for r in weak_rows) / len(weak_rows), agreement_pairs=len(weak_rows),
+                  sample=sample_note)
+        res["label_quality"] = lq
+    gens = [{"policy": n, "index": i, "prompt": p, "response": responses[n][i], "gold": gold[n][i]}
+            for n in gold for i, p in enumerate(prompts)]
+    wlt.write_jsonl(os.path.join(args.out, "generations.jsonl"), gens)
+    md = results_markdown(res)
+    wlt.write_text(os.path.join(args.out, "results.md"), md)
+    res.update(args=vars(args), inputs=inputs)
+    wlt.write_json(marker, res)  # last: marks the evaluation complete
+    wlt.log("\n" + md)
+    wlt.barrier()
+
+
+if __name__ == "__main__":
+    wlt.run_main(main)

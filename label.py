@@ -1,0 +1,202 @@
+"""The weak teacher labels unlabeled pairs (Tao & Li section 3.2, Eq. 5): for each pair (x, y1, y2),
+r(x, y) = beta * log(pi_w(y|x) / pi_ref(y|x)) with log-probs summed over the response tokens; the response
+with the higher reward becomes "chosen".
+
+    python label.py --teacher --run runs/demo                 data/unlabeled.jsonl -> data/weak.jsonl
+    torchrun --nproc_per_node 2 label.py --teacher --run runs/demo
+    python label.py --model PI_W --ref PI_REF --data pairs.jsonl --out weak.jsonl [--beta 0.1]
+
+PI_W is a merged checkpoint, or a folder with adapter/ (as train_dpo.py writes) on top of PI_REF: then one
+model is loaded and the adapter switched on (pi_w) and off (pi_ref). Under torchrun every process labels
+a disjoint share of the pairs and rank 0 writes them in the input order.
+
+Output rows: prompt, chosen, rejected (teacher order), chosen_reward, rejected_reward, human_agrees (the
+teacher's chosen is the input's chosen), plus any other field of the input row (gold_chosen/gold_rejected
+of the synthetic world follow their response). Ties keep the input order. A summary JSON is written beside
+the output (OUT with .summary.json): pair counts, skips, agreement with the input order, reward statistics,
+pairs/s, settings. It is written last and marks a complete output: rerunning the same command on unchanged
+inputs does nothing (--overwrite relabels).
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import wlt
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("what to label (either --teacher --run, or explicit paths)")
+    g.add_argument("--teacher", action="store_true",
+                   help="with --run: pi_w = teacher/dpo (its adapter on teacher/sft when present), pi_ref = "
+                        "teacher/sft, data/unlabeled.jsonl -> data/weak.jsonl, beta from config.json")
+    g.add_argument("--run", default=None, help="run directory made by `wlt.py prepare`")
+    g.add_argument("--model", default=None, help="pi_w: merged checkpoint, or a folder with adapter/ on top of --ref")
+    g.add_argument("--ref", default=None, help="pi_ref: the reference the teacher was trained from (its SFT model)")
+    g.add_argument("--data", default=None, help="pair file to label (.jsonl: prompt, chosen, rejected)")
+    g.add_argument("--out", default=None, help="labeled pair file to write (.jsonl)")
+    o = ap.add_argument_group("labeling")
+    o.add_argument("--beta", type=float, default=None,
+                   help="beta of Eq. 5 (default: the run's beta with --run, else 0.1). It scales the rewards, "
+                        "never the labels")
+    o.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x sequences)")
+    o.add_argument("--max-len", type=int, default=512, help="tokens per sequence; longer prompts lose tokens from the left")
+    o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
+    o.add_argument("--overwrite", action="store_true", help="relabel even if a complete output with the same settings exists")
+    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    args = ap.parse_args()
+    if args.run:
+        if not args.teacher:
+            ap.error("--run needs --teacher (label.py labels with the run's weak teacher)")
+        d = os.path.join(args.run, "teacher")
+        args.model = args.model or os.path.join(d, "dpo")
+        args.ref = args.ref or os.path.join(d, "sft")
+        args.data = args.data or os.path.join(args.run, "data", "unlabeled.jsonl")
+        args.out = args.out or os.path.join(args.run, "data", "weak.jsonl")
+        if args.beta is None:
+            args.beta = wlt.run_defaults(args.run, "train_dpo.py", "teacher").get("beta", 0.1)
+    elif args.teacher:
+        ap.error("--teacher needs --run")
+    for k in ("model", "ref", "data", "out"):
+        if getattr(args, k) is None:
+            ap.error(f"--{k} is required (or use --teacher --run)")
+    args.beta = 0.1 if args.beta is None else args.beta
+    return args
+
+
+def summary_path(out: str) -> str:
+    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+
+
+def load_teacher(args, dev):
+    """(pi_w, pi_ref or None, tokenizer, how). pi_ref None means: pi_w with its adapter switched off."""
+    adapter = os.path.join(args.model, "adapter")
+    for path in (args.ref, args.model):
+        wlt.check_model_dir(path)
+    tok = wlt.load_tokenizer(args.ref, args.trust_remote_code)
+    ref = wlt.load_model(args.ref, args.trust_remote_code)
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        wlt.load_adapter(ref, adapter)
+        return ref.to(dev).eval(), None, tok, f"adapter {adapter} on/off over {args.ref}"
+    pol = wlt.load_model(args.model, args.trust_remote_code)
+    return pol.to(dev).eval(), ref.to(dev).eval(), tok, f"two models: {args.model} / {args.ref}"
+
+
+def main():
+    args = parse_args()
+    inputs = {k: wlt.fingerprint(getattr(args, k)) for k in ("model", "ref", "data")}
+    marker = summary_path(args.out)
+    if not args.overwrite and os.path.isfile(args.out) and wlt.same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
+        wlt.log(f"{args.out}: already labeled with the same settings and inputs; nothing to do (--overwrite relabels)")
+        return
+    wlt.init_distributed()
+    dev = wlt.device()
+    if wlt.rank() == 0 and os.path.isfile(marker):
+        os.remove(marker)  # from here on the output is not complete until the new summary is written
+
+    # ---- data: every rank reads and tokenizes all of it (cheap next to the forwards), then takes rows r::W
+    pol, ref, tok, how = load_teacher(args, dev)
+    wlt.log(f"teacher: {how}; beta {args.beta}; {wlt.world_size()} process(es) on {dev}")
+    skips, locs = wlt.Skips(strict=args.strict), []
+    pairs = wlt.read_pairs(args.data, skips, locs)
+    n_rows = len(pairs) + skips.total()
+    exs, fallbacks = wlt.tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")
+    todo = []  # indices into pairs of the rows that can be labeled
+    for i, (e, loc) in enumerate(zip(exs, locs)):
+        if not e["chosen_ids"] or not e["rejected_ids"]:
+            skips.add("a response has no tokens", loc)
+        elif not e["prompt_ids"]:
+            skips.add("the prompt has no tokens (and the tokenizer adds no BOS)", loc)
+        elif (f := wlt.fit_pair(e, args.max_len)) is None:
+            skips.add(f"a response alone does not fit --max-len {args.max_len}", loc)
+        else:
+            exs[i] = f
+            todo.append(i)
+    skips.report(args.data)
+    if not todo:
+        raise wlt.WltError(f"{args.data}: no pairs to label")
+
+    # ---- batches of similar length (less padding), longest first, dealt out to the ranks in turn. The batches
+    # do not depend on the number of processes, so 1 and N processes compute exactly the same numbers.
+    by_len = sorted(todo, key=lambda i: -(len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"]))))
+    batches = [by_len[s:s + args.batch_size] for s in range(0, len(by_len), args.batch_size)]
+    pad = wlt.pad_id(tok)
+    logps = {}  # pair index -> [pi_w chosen, pi_w rejected, pi_ref chosen, pi_ref rejected]
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc="label", unit="pair", disable=wlt.rank() != 0, mininterval=1.0)
+    with torch.no_grad(), wlt.autocast(dev, args.dtype):
+        for idx in batches[wlt.rank()::wlt.world_size()]:
+            b = {k: v.to(dev) for k, v in wlt.collate_pairs([exs[i] for i in idx], pad).items()}
+            lw = wlt.response_logps(pol, **b).float().cpu()   # [2B]: chosen rows then rejected rows
+            if ref is None:
+                with wlt.lora_disabled(pol):
+                    lr = wlt.response_logps(pol, **b).float().cpu()
+            else:
+                lr = wlt.response_logps(ref, **b).float().cpu()
+            B = len(idx)
+            for j, i in enumerate(idx):
+                logps[i] = [lw[j].item(), lw[B + j].item(), lr[j].item(), lr[B + j].item()]
+            bar.update(B * wlt.world_size())
+    bar.close()
+    logps = wlt.gather_dicts(logps)  # rank 0: every pair's log-probs; other ranks: {}
+    seconds = time.time() - t0
+    if wlt.rank() != 0:
+        wlt.barrier()
+        return
+
+    # ---- Eq. 5 on the summed log-probs, then order each pair by the teacher's reward
+    t = torch.tensor([logps[i] for i in todo], dtype=torch.float64)
+    r_in_c = wlt.implicit_reward(t[:, 0], t[:, 2], args.beta)  # the input's chosen response
+    r_in_r = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
+    keep = wlt.weak_labels(r_in_c, r_in_r)
+    rows = []
+    for k, i in enumerate(todo):
+        p, agree = pairs[i], bool(keep[k])
+        rc, rr = float(r_in_c[k]), float(r_in_r[k])
+        row = {"prompt": p["prompt"], "chosen": p["chosen"] if agree else p["rejected"],
+               "rejected": p["rejected"] if agree else p["chosen"],
+               "chosen_reward": rc if agree else rr, "rejected_reward": rr if agree else rc, "human_agrees": agree}
+        for key, v in p.items():  # extra fields; *_chosen / *_rejected follow their response
+            if key in row:
+                continue
+            if not agree and key.endswith("_chosen"):
+                v = p.get(key[:-len("_chosen")] + "_rejected", v)
+            elif not agree and key.endswith("_rejected"):
+                v = p.get(key[:-len("_rejected")] + "_chosen", v)
+            row[key] = v
+        rows.append(row)
+    wlt.write_jsonl(args.out, rows)
+
+    margins = [r["chosen_reward"] - r["rejected_reward"] for r in rows]
+    summary = {
+        "rows": n_rows, "labeled": len(rows), "skipped": skips.as_dict(), "tokenizer_fallbacks": fallbacks,
+        "agreement_with_input": sum(r["human_agrees"] for r in rows) / len(rows),
+        "reward_margin": {"mean": statistics.fmean(margins), "std": statistics.pstdev(margins),
+                          "min": min(margins), "median": statistics.median(margins), "max": max(margins),
+                          "ties": sum(m == 0 for m in margins)},
+        "chosen_reward_mean": statistics.fmean(r["chosen_reward"] for r in rows),
+        "rejected_reward_mean": statistics.fmean(r["rejected_reward"] for r in rows),
+        "pairs_per_s": len(rows) / max(seconds, 1e-9), "seconds": seconds, "processes": wlt.world_size(),
+        "teacher": how,
+    }
+    if all("gold_chosen" in r and "gold_rejected" in r for r in rows):  # synthetic world: exact gold rewards
+        summary["gold_accuracy"] = {
+            "weak": sum(r["gold_chosen"] > r["gold_rejected"] for r in rows) / len(rows),
+            "input": sum((r["gold_chosen"] > r["gold_rejected"]) == r["human_agrees"] for r in rows) / len(rows)}
+    summary.update(args=vars(args), inputs=inputs)
+    wlt.write_json(marker, summary)  # last: marks the output complete
+    wlt.log(f"wrote {args.out}: {len(rows)} pairs, agreement with the input order {summary['agreement_with_input']:.3f}, "
+            f"{summary['pairs_per_s']:.1f} pairs/s" + (f", {skips.total()} skipped" if skips.total() else "")
+            + ("; gold accuracy weak {weak:.3f} / input {input:.3f}".format(**summary["gold_accuracy"])
+               if "gold_accuracy" in summary else ""))
+    wlt.barrier()
+
+
+if __name__ == "__main__":
+    wlt.run_main(main)

@@ -1,0 +1,207 @@
+"""label.py end to end: the weak teacher's Eq. 5 rewards against an independent computation (one sequence at a
+time, full softmax in float64), adapter on/off == two models, output order and fields, the summary, skips,
+reruns, and 2 processes == 1 process."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_HH, run_script, torchrun
+
+LABEL = os.path.join(ROOT, "label.py")
+DPO = os.path.join(ROOT, "train_dpo.py")
+BETA = 0.3
+
+# HH-RLHF-shaped pairs (prompt = dialogue up to the last "Assistant:"), with a gold field that must follow
+# its response when the teacher swaps a pair.
+PAIRS = [
+    {"prompt": "\n\nHuman: How do I bake bread at home?\n\nAssistant:",
+     "chosen": " Mix flour, water, salt and yeast, then let it rise.", "rejected": " I don't know.",
+     "gold_chosen": 1.0, "gold_rejected": 0.0},
+    {"prompt": "\n\nHuman: what are some pranks with a pen i can do?\n\nAssistant:",
+     "chosen": " Are you looking for practical joke ideas?", "rejected": " The quick brown fox.",
+     "gold_chosen": 0.5, "gold_rejected": 0.25},
+    {"prompt": "\n\nHuman: Sort 7 3 9 1\n\nAssistant: 1 3 7 9\n\nHuman: and 5 2?\n\nAssistant:",
+     "chosen": " 2 5", "rejected": " 5 2, judge my vow. Human: ok? Assistant: yes", "gold_chosen": 1.0,
+     "gold_rejected": 0.0},
+    {"prompt": "Summaries should be short.\n", "chosen": "TL;DR: keep it brief", "rejected": "TL;DR: say what matters first",
+     "gold_chosen": 0.3, "gold_rejected": 0.6},
+] * 3
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir, tmp_path_factory):
+    """pi_ref = a tiny GPT-2 (Conv1D LoRA); pi_w = a few LoRA-DPO steps from it (merged + adapter/)."""
+    d = tmp_path_factory.mktemp("label")
+    data = str(d / "pairs.jsonl")
+    write_jsonl(data, PAIRS)
+    ref = tiny_model_dir("gpt2")
+    dpo = str(d / "dpo")
+    run_script(DPO, "--model", ref, "--data", data, "--out", dpo, "--max-steps", "4", "--batch-size", "4",
+               "--lr", "5e-2", "--eval-pairs", "0", "--beta", "0.1")
+    assert os.path.isfile(os.path.join(dpo, "adapter", "adapter_config.json"))
+    merged = str(d / "merged")  # the same pi_w without its adapter: label.py then loads two models
+    shutil.copytree(dpo, merged, ignore=shutil.ignore_patterns("adapter"))
+    return {"dir": d, "data": data, "ref": ref, "dpo": dpo, "merged": merged}
+
+
+def naive_logp(model, tok, prompt: str, response: str) -> float:
+    """log pi(response | prompt) for one unpadded sequence: full softmax in float64, per DESIGN's
+    tokenization convention (joint ids cut at len(prompt ids), plus EOS)."""
+    p = tok(prompt).input_ids
+    joint = tok(prompt + response).input_ids
+    assert joint[:len(p)] == p
+    r = joint[len(p):] + [tok.eos_token_id]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + r])).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    return float(sum(lp[len(p) - 1 + k, t] for k, t in enumerate(r)))
+
+
+def label(teacher, model, out, *extra, check=True):
+    return run_script(LABEL, "--model", model, "--ref", teacher["ref"], "--data", teacher["data"], "--out", out,
+                      "--beta", str(BETA), "--batch-size", "3", *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def labeled(teacher):
+    out = str(teacher["dir"] / "weak.jsonl")
+    p = label(teacher, teacher["dpo"], out)
+    assert "adapter" in p.stdout
+    return out
+
+
+def test_rewards_match_an_independent_computation(teacher, labeled):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(teacher["ref"])
+    pol = AutoModelForCausalLM.from_pretrained(teacher["merged"], dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(teacher["ref"], dtype=torch.float32).eval()
+    rows = read_jsonl(labeled)
+    assert len(rows) == len(PAIRS)
+    swapped = 0
+    for src, row in zip(PAIRS, rows):  # the input order is kept
+        assert row["prompt"] == src["prompt"]
+        assert {row["chosen"], row["rejected"]} == {src["chosen"], src["rejected"]}
+        for k in ("chosen", "rejected"):
+            want = BETA * (naive_logp(pol, tok, row["prompt"], row[k]) - naive_logp(ref, tok, row["prompt"], row[k]))
+            assert row[f"{k}_reward"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert row["chosen_reward"] >= row["rejected_reward"]  # the teacher's order
+        assert row["human_agrees"] == (row["chosen"] == src["chosen"])
+        # extra fields follow their response
+        assert row["gold_chosen"] == (src["gold_chosen"] if row["human_agrees"] else src["gold_rejected"])
+        swapped += not row["human_agrees"]
+    assert any(abs(r["chosen_reward"]) > 1e-3 for r in rows)  # the teacher moved away from its reference
+
+
+def test_summary(teacher, labeled):
+    rows = read_jsonl(labeled)
+    s = json.load(open(labeled.replace(".jsonl", ".summary.json")))
+    assert s["rows"] == s["labeled"] == len(PAIRS)
+    assert s["agreement_with_input"] == pytest.approx(sum(r["human_agrees"] for r in rows) / len(rows))
+    margins = [r["chosen_reward"] - r["rejected_reward"] for r in rows]
+    assert s["reward_margin"]["mean"] == pytest.approx(sum(margins) / len(margins))
+    assert s["reward_margin"]["min"] >= 0
+    gold_right = sum(r["gold_chosen"] > r["gold_rejected"] for r in rows) / len(rows)
+    assert s["gold_accuracy"]["weak"] == pytest.approx(gold_right)
+    assert s["gold_accuracy"]["input"] == pytest.approx(sum(p["gold_chosen"] > p["gold_rejected"] for p in PAIRS) / len(PAIRS))
+    assert s["pairs_per_s"] > 0 and s["args"]["beta"] == BETA
+
+
+def test_adapter_on_off_equals_two_models(teacher, labeled):
+    out = str(teacher["dir"] / "weak-two-models.jsonl")
+    p = label(teacher, teacher["merged"], out)
+    assert "two models" in p.stdout
+    for a, b in zip(read_jsonl(labeled), read_jsonl(out)):
+        assert (a["chosen"], a["human_agrees"]) == (b["chosen"], b["human_agrees"])
+        assert a["chosen_reward"] == pytest.approx(b["chosen_reward"], rel=1e-4, abs=1e-5)
+        assert a["rejected_reward"] == pytest.approx(b["rejected_reward"], rel=1e-4, abs=1e-5)
+
+
+def test_rerun_skips_and_changed_settings_relabel(teacher, labeled):
+    before = os.stat(labeled).st_mtime_ns
+    p = label(teacher, teacher["dpo"], labeled)
+    assert "nothing to do" in p.stdout and os.stat(labeled).st_mtime_ns == before
+    out = str(teacher["dir"] / "weak-beta.jsonl")
+    shutil.copy(labeled, out)
+    shutil.copy(labeled.replace(".jsonl", ".summary.json"), out.replace(".jsonl", ".summary.json"))
+    p = run_script(LABEL, "--model", teacher["dpo"], "--ref", teacher["ref"], "--data", teacher["data"], "--out", out,
+                   "--beta", str(2 * BETA), "--batch-size", "3")
+    assert "nothing to do" not in p.stdout
+    for a, b in zip(read_jsonl(labeled), read_jsonl(out)):  # beta scales the rewards, never the labels
+        assert b["chosen"] == a["chosen"]
+        assert b["chosen_reward"] == pytest.approx(2 * a["chosen_reward"], rel=1e-4, abs=1e-6)
+
+
+def test_skips_are_counted_and_strict_fails(teacher):
+    out = str(teacher["dir"] / "weak-short.jsonl")
+    label(teacher, teacher["dpo"], out, "--max-len", "30")
+    s = json.load(open(out.replace(".jsonl", ".summary.json")))
+    n_skipped = sum(s["skipped"]["counts"].values())
+    assert n_skipped == 6 and s["labeled"] + n_skipped == len(PAIRS) == s["rows"]
+    assert len(read_jsonl(out)) == s["labeled"]
+    assert any(":" in loc for locs in s["skipped"]["examples"].values() for loc in locs)  # file:line
+    p = label(teacher, teacher["dpo"], str(teacher["dir"] / "strict.jsonl"), "--max-len", "30", "--strict", check=False)
+    assert p.returncode == 1 and "does not fit --max-len 30" in p.stderr and "Traceback" not in p.stderr
+    assert not os.path.exists(teacher["dir"] / "strict.jsonl")
+
+
+def test_two_processes_equal_one(teacher, labeled):
+    out = str(teacher["dir"] / "weak-2p.jsonl")
+    torchrun(2, LABEL, "--model", teacher["dpo"], "--ref", teacher["ref"], "--data", teacher["data"], "--out", out,
+             "--beta", str(BETA), "--batch-size", "3")
+    one, two = read_jsonl(labeled), read_jsonl(out)
+    assert [r["prompt"] for r in two] == [r["prompt"] for r in one]
+    for a, b in zip(one, two):
+        assert (a["chosen"], a["human_agrees"]) == (b["chosen"], b["human_agrees"])
+        assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], rel=1e-5, abs=1e-6)
+    s = json.load(open(out.replace(".jsonl", ".summary.json")))
+    assert s["processes"] == 2 and s["labeled"] == len(PAIRS)
+
+
+def test_real_hh_rows_if_present(tiny_model_dir, tmp_path):
+    """Real HH-RLHF rows (../shared/data, when present) through the source parser and label.py; the
+    rewards checked against the independent computation on a few of them."""
+    if not os.path.isfile(SHARED_HH):
+        pytest.skip(f"{SHARED_HH} not present")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with open(SHARED_HH) as f:
+        raw = [json.loads(line) for _, line in zip(range(12), f)]
+    src = str(tmp_path / "raw.jsonl")
+    write_jsonl(src, raw)
+    # two unrelated models with rotary positions (real rows are longer than the tiny models' 128 positions)
+    ref, pol = tiny_model_dir("llama"), tiny_model_dir("gpt_neox")
+    out = str(tmp_path / "weak.jsonl")
+    # the fixtures share one tokenizer, so either model can be pi_w over the other
+    run_script(LABEL, "--model", pol, "--ref", ref, "--data", src, "--out", out, "--beta", "0.1", "--max-len", "4096")
+    rows = read_jsonl(out)
+    assert len(rows) == len(raw)
+    tok = AutoTokenizer.from_pretrained(ref)
+    mp = AutoModelForCausalLM.from_pretrained(pol, dtype=torch.float32).eval()
+    mr = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    for row in rows[:4]:
+        for k in ("chosen", "rejected"):
+            want = 0.1 * (naive_logp(mp, tok, row["prompt"], row[k]) - naive_logp(mr, tok, row["prompt"], row[k]))
+            assert row[f"{k}_reward"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_command_line_errors(teacher, tmp_path):
+    p = run_script(LABEL, "--model", teacher["dpo"], "--data", teacher["data"], "--out", str(tmp_path / "x.jsonl"), check=False)
+    assert p.returncode == 2 and "--ref is required" in p.stderr
+    p = run_script(LABEL, "--model", teacher["dpo"], "--ref", str(tmp_path / "nope"), "--data", teacher["data"],
+                   "--out", str(tmp_path / "x.jsonl"), check=False)
+    assert p.returncode == 1 and "no such model folder" in p.stderr and "Traceback" not in p.stderr
+    p = run_script(LABEL, "--teacher", "--run", str(tmp_path), check=False)
+    assert p.returncode == 1 and "config.json" in p.stderr
