@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAMILIES, ROOT, make_bpe_tokenizer, run_script
+from conftest import FAMILIES, ROOT, make_rm, run_script
 
 import evaluate as ev
 import wlt
@@ -176,30 +176,6 @@ HH_TEST = [
     {"prompt": "\n\nHuman: Sort 7 3\n\nAssistant: 3 7\n\nHuman: and 5 2?\n\nAssistant:", "chosen": " 2 5", "rejected": " 5 2"},
     {"prompt": "\n\nHuman: what are some pranks with a pen i can do?\n\nAssistant:", "chosen": " Jokes?", "rejected": " Fox."},
 ]
-
-
-def make_rm(kind: str, d: str) -> str:
-    """A tiny randomly initialised sequence-classification reward model with one output: "chat" (Llama with
-    a chat template, like the Mistral-7B reward model) or "pair" (DeBERTa-v2 with a text-pair template)."""
-    from tokenizers import processors
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
-    tok = make_bpe_tokenizer()
-    torch.manual_seed(1)
-    if kind == "chat":
-        tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-        model = LlamaForSequenceClassification(LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            num_labels=1, pad_token_id=tok.pad_token_id, max_position_embeddings=256))
-    else:
-        s, e = tok.bos_token_id, tok.eos_token_id
-        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", s), ("</s>", e)])
-        model = DebertaV2ForSequenceClassification(DebertaV2Config(
-            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            num_labels=1, pad_token_id=tok.pad_token_id, max_position_embeddings=256, type_vocab_size=2))
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def independent_rm_score(path: str, kind: str, prompt: str, response: str) -> float:
