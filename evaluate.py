@@ -55,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     s = ap.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7); 0 = greedy")
     s.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens per sample (paper: 256)")
-    s.add_argument("--max-len", type=int, default=512, help="prompt + new tokens; longer prompts lose tokens from the left (counted)")
+    s.add_argument("--max-len", type=int, default=768,
+                   help="prompt + new tokens (also capped by the model's positions); longer prompts lose tokens from the left (counted in the table)")
     s.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     s.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, for every policy")
     s.add_argument("--chat-template", action="store_true",
@@ -101,16 +102,16 @@ def policies(args, cfg: dict) -> dict[str, str]:
     if args.policy:
         return dict(p.split("=", 1) for p in args.policy)
     s = os.path.join(args.run, "student")
-    candidates = {"base": cfg.get("student_model"), "sft": os.path.join(s, "sft"),
-                  "human": os.path.join(s, "dpo-human"), "weak": os.path.join(s, "dpo-weak")}
     out = {}
-    for name, path in candidates.items():
-        done = path and (not os.path.isabs(path) and not os.path.exists(path)  # a hub name
-                         or os.path.isfile(os.path.join(path, "config.json")))
-        if done:
+    base = cfg.get("student_model")
+    if base:  # a hub name, or a local model folder
+        out["base"] = base
+    for name, sub in (("sft", "sft"), ("human", "dpo-human"), ("weak", "dpo-weak")):
+        path = os.path.join(s, sub)
+        if os.path.isfile(os.path.join(path, "train_config.json")):  # the trainer's completion marker
             out[name] = path
         else:
-            wlt.log(f"policy {name}: {path} not found, left out")
+            wlt.log(f"policy {name}: no finished training in {path}, left out")
     if not out:
         raise wlt.WltError(f"{args.run}: no trained policy to evaluate")
     return out
@@ -126,12 +127,16 @@ def hh_messages(prompt: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant):", prompt)
     if len(parts) < 3:
         return [{"role": "user", "content": prompt.strip()}]
+    turns = [("user", parts[0].strip())] if parts[0].strip() else []  # text before the first marker
+    turns += [("user" if who == "Human" else "assistant", text.strip()) for who, text in zip(parts[1::2], parts[2::2])]
+    turns = [t for t in turns if t != ("assistant", "")]  # the final "Assistant:" cue of the prompt
     msgs = []
-    for who, text in zip(parts[1::2], parts[2::2]):
-        text = text.strip()
-        if text:
-            msgs.append({"role": "user" if who == "Human" else "assistant", "content": text})
-    return msgs or [{"role": "user", "content": prompt.strip()}]
+    for role, text in turns:  # chat templates require alternating roles: merge repeated ones
+        if msgs and msgs[-1]["role"] == role:
+            msgs[-1]["content"] = (msgs[-1]["content"] + "\n\n" + text).strip()
+        else:
+            msgs.append({"role": role, "content": text})
+    return msgs or [{"role": "user", "content": ""}]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> torch.Tensor:
@@ -143,11 +148,14 @@ def sample_next(logits: torch.Tensor, temperature: float, gens: list[torch.Gener
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], seeds: list[int], eos: int, pad: int, temperature: float,
+def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, temperature: float,
              max_new_tokens: int, dev, dtype: str) -> list[list[int]]:
     """Sample continuations of left-padded prompts with a KV cache. Positions are passed explicitly (the
-    count of real tokens before each one), so left padding does not shift them in any family.
-    Returns the new token ids per prompt, up to and including EOS."""
+    count of real tokens before each one), so left padding does not shift them in any family. eos: an id or
+    a list of ids that end a sample. Returns the new token ids per prompt, up to and including EOS.
+    In fp32 a sample does not depend on the batch it falls in (checked by the tests); under bf16 the padding
+    of a batch can change the last bits of the logits, and so, rarely, a sample."""
+    eos_ids = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=dev)
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), pad, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)
@@ -161,12 +169,12 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos: int, pad: i
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     next_pos = mask.sum(-1, keepdim=True)
     with wlt.autocast(dev, dtype):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             nxt = sample_next(res.logits[:, -1], temperature, gens)
             for i in (~done).nonzero().flatten().tolist():
                 out[i].append(int(nxt[i]))
-            done |= nxt == eos
+            done |= torch.isin(nxt, eos_ids)
             if done.all():
                 break
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -192,9 +200,13 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
     eos, pad = tok.eos_token_id, wlt.pad_id(tok)
     if eos is None:
         raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
-    room = args.max_len - args.max_new_tokens
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. also <|eot_id|>
+    eos = sorted({eos} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []))
+    limit = min(args.max_len, getattr(model.config, "max_position_embeddings", None) or args.max_len)
+    room = limit - args.max_new_tokens
     if room < 1:
-        raise wlt.WltError(f"--max-len {args.max_len} leaves no room for a prompt next to --max-new-tokens {args.max_new_tokens}")
+        raise wlt.WltError(f"{path}: {limit} positions (--max-len or the model's) leave no room for a prompt next to "
+                           f"--max-new-tokens {args.max_new_tokens}")
     if args.chat_template:
         if not tok.chat_template:
             raise wlt.WltError(f"{path}: --chat-template given but the tokenizer has no chat template")
@@ -204,6 +216,10 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
         enc = tok(prompts).input_ids  # the training convention: the tokenizer's own special tokens (BOS)
     stats[name] = {"prompts_cut": sum(len(e) > room for e in enc)}
     enc = [e[-room:] for e in enc]
+    empty = [i for i, e in enumerate(enc) if not e]
+    if empty:  # nothing to condition on (an empty prompt and a tokenizer without BOS)
+        raise wlt.WltError(f"{args.prompts}: prompt {empty[0] + 1} has no tokens under {path}'s tokenizer "
+                           f"({len(empty)} such prompts); remove them or use a tokenizer that adds BOS")
 
     def work(idx, bar):
         res = {}
@@ -253,26 +269,47 @@ class GoldRM:
         self.fmt = fmt if fmt != "auto" else ("chat" if self.tok.chat_template else "pair")
         self.path, self.batch_size, self.max_len, self.dev = path, batch_size, max_len, dev
 
-    def encode(self, prompt: str, response: str) -> list[int]:
+    def encode(self, prompt: str, response: str) -> dict:
+        """The reward model's input for one sample: every field its tokenizer makes (input_ids, and
+        token_type_ids for models with segment embeddings)."""
         if self.fmt == "chat":
             msgs = hh_messages(prompt) + [{"role": "assistant", "content": response.strip()}]
             text = self.tok.apply_chat_template(msgs, tokenize=False)
-            return self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len).input_ids
-        return self.tok(prompt.strip(), response.strip(), truncation="only_first", max_length=self.max_len).input_ids
+            enc = self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len)
+        else:
+            enc = self.tok(prompt.strip(), response.strip(), truncation="only_first", max_length=self.max_len)
+        return {k: v for k, v in enc.items() if k != "attention_mask"}
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """[B] scores of a right-padded batch. Decoder reward models (a `score` head on every position) are
+        read at each sequence's last real token, found from the attention mask: transformers' own pooling
+        looks for the last token that is not the pad id, which is wrong when pad == EOS and a text ends in
+        EOS. Encoder models pool the first token and take the batch as it is."""
+        if hasattr(self.model, "score"):
+            h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            last = batch["attention_mask"].sum(-1) - 1
+            return self.model.score(h[torch.arange(len(h), device=h.device), last])[:, 0]
+        return self.model(**batch).logits[:, 0]
 
     @torch.no_grad()
     def score(self, items: list[tuple[str, str]], desc: str) -> list[float]:
         """Gold rewards of (prompt, response) items, split over the ranks; every rank gets the full list."""
-        enc = [self.encode(p, r) for p, r in items]
+        enc = []
+        for i, (p, r) in enumerate(items):
+            try:
+                enc.append(self.encode(p, r))
+            except Exception as e:  # e.g. a chat template that rejects the conversation
+                raise wlt.WltError(f"{self.path}: cannot build the reward-model input of item {i} ({desc}): "
+                                   f"{wlt.one_line(e)}") from None
 
         def work(idx, bar):
             res = {}
             idx = sorted(idx, key=lambda i: -len(enc[i]))
             for s in range(0, len(idx), self.batch_size):
                 b = idx[s:s + self.batch_size]
-                batch = self.tok.pad({"input_ids": [enc[i] for i in b]}, return_tensors="pt")
-                logits = self.model(**{k: v.to(self.dev) for k, v in batch.items()}).logits
-                for i, v in zip(b, logits[:, 0].float().cpu().tolist()):
+                batch = self.tok.pad([enc[i] for i in b], return_tensors="pt")
+                scores = self.forward({k: v.to(self.dev) for k, v in batch.items()})
+                for i, v in zip(b, scores.float().cpu().tolist()):
                     res[i] = v
                 bar.update(len(b) * wlt.world_size())
             bar.close()
@@ -305,6 +342,13 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 def paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a_i - b_i over the same prompts and its standard error (the paired comparison)."""
     return mean_se([x - y for x, y in zip(a, b)])
+
+
+def z_score(delta: float, se: float) -> float:
+    """delta in units of its standard error (+-inf when se is 0 and delta is not; nan when undefined)."""
+    if math.isnan(se) or (se == 0 and delta == 0):
+        return float("nan")
+    return delta / se if se > 0 else math.copysign(float("inf"), delta)
 
 
 def win_rate(a: list[float], b: list[float]) -> dict:
@@ -358,9 +402,13 @@ def results_markdown(res: dict) -> str:
              "| policy | gold reward (mean ± SE) | vs base | vs SFT (paired) |", "| --- | --- | --- | --- |"]
     for name, p in res["policies"].items():
         vs_sft = p.get("vs_sft")
-        sft_cell = "" if not vs_sft else f"{fmt(vs_sft['delta'], sign=True)} ± {fmt(vs_sft['se'])} ({vs_sft['z']:+.1f} SE)"
+        sft_cell = "" if not vs_sft else f"{fmt(vs_sft['delta'], sign=True)} ± {fmt(vs_sft['se'])} ({fmt(vs_sft['z'], 1, sign=True)} SE)"
         lines.append(f"| {ROLE_NAMES.get(name, name)} | {fmt(p['mean'])} ± {fmt(p['se'])} | "
                      f"{fmt(p['vs_base'], sign=True) if p.get('vs_base') is not None else ''} | {sft_cell} |")
+    cut = {n: p["prompts_cut"] for n, p in res["policies"].items() if p.get("prompts_cut")}
+    if cut:
+        lines += ["", "Prompts cut from the left to fit the positions: "
+                      + ", ".join(f"{n} {k} of {s['prompts']}" for n, k in cut.items()) + "."]
     if "win_rate" in res:
         w = res["win_rate"]
         lines += ["", f"Win rate of pi_weak against pi_human by gold reward, over {w['n']} prompts: "
@@ -401,9 +449,10 @@ def main():
     inputs = {"policies": {n: wlt.fingerprint(p) for n, p in pols.items()}, "prompts": wlt.fingerprint(args.prompts),
               "weak": wlt.fingerprint(weak_path), "gold_rm": wlt.fingerprint(args.gold_rm)}
     marker = os.path.join(args.out, "results.json")
-    if not args.overwrite and wlt.same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
+    complete = all(os.path.isfile(os.path.join(args.out, f)) for f in ("results.md", "generations.jsonl"))
+    if not args.overwrite and complete and wlt.same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
         wlt.log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
-        wlt.log(open(os.path.join(args.out, "results.md")).read())
+        wlt.log(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
         return
     wlt.init_distributed()
     dev = wlt.device()
@@ -428,7 +477,8 @@ def main():
         responses[name] = broadcast(sample_policy(args, name, path, prompts, dev, gen_stats))
 
     # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
-    weak_rows = [r for _, r in wlt.iter_jsonl(weak_path)] if weak_path and os.path.isfile(weak_path) else []
+    weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(weak_path[:-len(".jsonl")] + ".summary.json")
+    weak_rows = [r for _, r in wlt.iter_jsonl(weak_path)] if weak_done else []
     lq_rows, sample_note = weak_rows, ""
     if synthetic:
         gold_name = "exact (synthetic world)"
@@ -461,7 +511,7 @@ def main():
             p["vs_base"] = m - statistics.fmean(gold["base"])
         if "sft" in gold and name not in ("sft", "base"):
             d, dse = paired_delta(g, gold["sft"])
-            p["vs_sft"] = {"delta": d, "se": dse, "z": d / dse if dse > 0 else float("inf") if d > 0 else 0.0}
+            p["vs_sft"] = {"delta": d, "se": dse, "z": z_score(d, dse)}
         res["policies"][name] = p
     if "weak" in gold and "human" in gold:
         res["win_rate"] = win_rate(gold["weak"], gold["human"])

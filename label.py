@@ -12,12 +12,15 @@ a disjoint share of the pairs and rank 0 writes them in the input order.
 
 Output rows: prompt, chosen, rejected (teacher order), chosen_reward, rejected_reward, human_agrees (the
 teacher's chosen is the input's chosen), plus any other field of the input row (gold_chosen/gold_rejected
-of the synthetic world follow their response). Ties keep the input order. A summary JSON is written beside
+of the synthetic world follow their response). A summary JSON is written beside
 the output (OUT with .summary.json): pair counts, skips, agreement with the input order, reward statistics,
 pairs/s, settings. It is written last and marks a complete output: rerunning the same command on unchanged
-inputs does nothing (--overwrite relabels).
+inputs does nothing (--overwrite relabels). Exact reward ties (a teacher that cannot tell two responses apart)
+are broken by a hash of the two texts, never by the input order, which is the human label.
 """
 import argparse
+import hashlib
+import json
 import os
 import statistics
 import time
@@ -45,7 +48,8 @@ def parse_args() -> argparse.Namespace:
                    help="beta of Eq. 5 (default: the run's beta with --run, else 0.1). It scales the rewards, "
                         "never the labels")
     o.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x sequences)")
-    o.add_argument("--max-len", type=int, default=512, help="tokens per sequence; longer prompts lose tokens from the left")
+    o.add_argument("--max-len", type=int, default=None,
+                   help="tokens per sequence; longer prompts lose tokens from the left (default 512; --run: the run's)")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
     o.add_argument("--overwrite", action="store_true", help="relabel even if a complete output with the same settings exists")
@@ -59,14 +63,21 @@ def parse_args() -> argparse.Namespace:
         args.ref = args.ref or os.path.join(d, "sft")
         args.data = args.data or os.path.join(args.run, "data", "unlabeled.jsonl")
         args.out = args.out or os.path.join(args.run, "data", "weak.jsonl")
-        if args.beta is None:
-            args.beta = wlt.run_defaults(args.run, "train_dpo.py", "teacher").get("beta", 0.1)
+        run_beta = wlt.run_defaults(args.run, "train_dpo.py", "teacher").get("beta", 0.1)  # also checks config.json
+        for stage in (args.ref, args.model):  # a crashed retraining leaves old weights but no completion marker
+            if not os.path.isfile(os.path.join(stage, "train_config.json")):
+                raise wlt.WltError(f"{stage}: no finished training there (no train_config.json); train the teacher first")
+        if args.beta is None:  # the beta the teacher was trained with (DPO_ARGS may have overridden the run's)
+            args.beta = json.load(open(os.path.join(args.model, "train_config.json")))["args"].get("beta", run_beta)
+        if args.max_len is None:  # the run's length limit, so D_u keeps every pair the human-label student sees
+            args.max_len = json.load(open(os.path.join(args.run, "config.json"))).get("max_len", 512)
     elif args.teacher:
         ap.error("--teacher needs --run")
     for k in ("model", "ref", "data", "out"):
         if getattr(args, k) is None:
             ap.error(f"--{k} is required (or use --teacher --run)")
     args.beta = 0.1 if args.beta is None else args.beta
+    args.max_len = 512 if args.max_len is None else args.max_len
     return args
 
 
@@ -77,11 +88,15 @@ def summary_path(out: str) -> str:
 def load_teacher(args, dev):
     """(pi_w, pi_ref or None, tokenizer, how). pi_ref None means: pi_w with its adapter switched off."""
     adapter = os.path.join(args.model, "adapter")
-    for path in (args.ref, args.model):
+    has_adapter = os.path.isfile(os.path.join(adapter, "adapter_config.json"))
+    for path in (args.ref,) if has_adapter else (args.ref, args.model):  # an adapter-only folder is fine
         wlt.check_model_dir(path)
     tok = wlt.load_tokenizer(args.ref, args.trust_remote_code)
     ref = wlt.load_model(args.ref, args.trust_remote_code)
-    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+    if has_adapter:
+        base = json.load(open(os.path.join(adapter, "adapter_config.json"))).get("base_model_name_or_path")
+        if base and os.path.exists(base) and os.path.abspath(base) != os.path.abspath(args.ref):
+            wlt.log(f"warning: {adapter} was trained on {base}, applied here on --ref {args.ref}")
         wlt.load_adapter(ref, adapter)
         return ref.to(dev).eval(), None, tok, f"adapter {adapter} on/off over {args.ref}"
     pol = wlt.load_model(args.model, args.trust_remote_code)
@@ -97,8 +112,10 @@ def main():
         return
     wlt.init_distributed()
     dev = wlt.device()
-    if wlt.rank() == 0 and os.path.isfile(marker):
-        os.remove(marker)  # from here on the output is not complete until the new summary is written
+    if wlt.rank() == 0:  # from here on there is no output until the new one is complete
+        for f in (marker, args.out):
+            if os.path.isfile(f):
+                os.remove(f)
 
     # ---- data: every rank reads and tokenizes all of it (cheap next to the forwards), then takes rows r::W
     pol, ref, tok, how = load_teacher(args, dev)
@@ -154,7 +171,15 @@ def main():
     t = torch.tensor([logps[i] for i in todo], dtype=torch.float64)
     r_in_c = wlt.implicit_reward(t[:, 0], t[:, 2], args.beta)  # the input's chosen response
     r_in_r = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
-    keep = wlt.weak_labels(r_in_c, r_in_r)
+    # exact ties (pi_w cannot tell the responses apart) are broken by a hash of the pair's texts: fixed, and
+    # unrelated to the input order, which is the human label
+    tie_break = torch.tensor([hashlib.sha256((pairs[i]["chosen"] + "\0" + pairs[i]["rejected"]).encode()).digest()[0] < 128
+                              for i in todo])
+    keep = wlt.weak_labels(r_in_c, r_in_r, tie_break)
+    ties = int((r_in_c == r_in_r).sum())
+    if ties:
+        wlt.log(f"warning: {ties} pair(s) with exactly equal rewards (is pi_w different from pi_ref?); "
+                f"broken by a hash of the texts, not by the input order")
     rows = []
     for k, i in enumerate(todo):
         p, agree = pairs[i], bool(keep[k])
@@ -188,7 +213,8 @@ def main():
     if all("gold_chosen" in r and "gold_rejected" in r for r in rows):  # synthetic world: exact gold rewards
         summary["gold_accuracy"] = {
             "weak": sum(r["gold_chosen"] > r["gold_rejected"] for r in rows) / len(rows),
-            "input": sum((r["gold_chosen"] > r["gold_rejected"]) == r["human_agrees"] for r in rows) / len(rows)}
+            "input": sum(r["gold_chosen"] != r["gold_rejected"] and (r["gold_chosen"] > r["gold_rejected"]) == r["human_agrees"]
+                         for r in rows) / len(rows)}
     summary.update(args=vars(args), inputs=inputs)
     wlt.write_json(marker, summary)  # last: marks the output complete
     wlt.log(f"wrote {args.out}: {len(rows)} pairs, agreement with the input order {summary['agreement_with_input']:.3f}, "

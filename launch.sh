@@ -21,6 +21,11 @@
 #   PREPARE_ARGS, SFT_ARGS, DPO_ARGS, LABEL_ARGS, EVAL_ARGS: extra flags for that stage's script
 #     (SFT_ARGS and DPO_ARGS go to the teacher's and the student's stages alike)
 set -euo pipefail
+# Paths given relative to the caller's folder stay meaningful after the cd below (names that do not exist
+# locally, e.g. hub model names, pass through unchanged).
+here() { case "$1" in ""|/*) printf '%s' "$1" ;; *) if [ -e "$1" ]; then printf '%s/%s' "$PWD" "$1"; else printf '%s' "$1"; fi ;; esac; }
+[ -n "${RUN:-}" ] && case "$RUN" in /*) ;; *) RUN="$PWD/$RUN" ;; esac
+for v in DATA TEACHER STUDENT GOLD_RM; do [ -n "${!v:-}" ] && printf -v "$v" '%s' "$(here "${!v}")"; done
 cd "$(dirname "$0")"
 PRESET=${1:-synthetic}
 RUN=${RUN:-runs/$PRESET}

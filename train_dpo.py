@@ -30,6 +30,8 @@ def role_paths(args) -> dict:
     if not args.labels:
         raise wlt.WltError("--student needs --labels weak (data/weak.jsonl) or --labels human (data/unlabeled.jsonl)")
     data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[args.labels]
+    if args.labels == "weak" and not os.path.isfile(os.path.join(run, "data", "weak.summary.json")):
+        raise wlt.WltError(f"{run}/data/weak.jsonl is not complete (no weak.summary.json); run label.py --teacher --run {run}")
     return {"model": os.path.join(run, "student", "sft"), "data": os.path.join(run, "data", data),
             "out": os.path.join(run, "student", f"dpo-{args.labels}")}
 

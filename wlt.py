@@ -88,7 +88,7 @@ def atomic_write(path: str, write_fn) -> None:
 
 def write_json(path: str, obj) -> None:
     def w(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
     atomic_write(path, w)
@@ -96,14 +96,14 @@ def write_json(path: str, obj) -> None:
 
 def write_text(path: str, text: str) -> None:
     def w(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, w)
 
 
 def write_jsonl(path: str, rows) -> None:
     def w(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     atomic_write(path, w)
@@ -432,10 +432,12 @@ def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: f
     return beta * (policy_logps - ref_logps)
 
 
-def weak_labels(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+def weak_labels(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, tie_break: torch.Tensor) -> torch.Tensor:
     """Which response the weak teacher prefers (Tao & Li section 3.2, after Eq. 5): [B] bool, True when the
-    input's "chosen" response keeps the higher reward (ties keep the input order). Inputs: [B] rewards."""
-    return chosen_rewards >= rejected_rewards
+    input's "chosen" response has the higher reward. Inputs: [B] rewards; tie_break: [B] bool, the answer on
+    exact ties. It must not be the input order: that order is the human label, and a teacher that cannot tell
+    two responses apart (pi_w == pi_ref, say) would otherwise copy the human labels."""
+    return torch.where(chosen_rewards == rejected_rewards, tie_break, chosen_rewards > rejected_rewards)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,

@@ -111,11 +111,15 @@ def torchrun(nproc: int, *args, env=None, check=True):
 
 def make_rm(kind: str, d: str) -> str:
     """A tiny randomly initialised sequence-classification reward model with one output: "chat" (Llama with
-    a chat template, like the Mistral-7B reward model) or "pair" (DeBERTa-v2 with a text-pair template)."""
+    a chat template, like the Mistral-7B reward model; "chat-pad-eos": the same padding with EOS) or "pair"
+    (DeBERTa-v2 with a text-pair template and segment ids)."""
     from tokenizers import processors
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
     tok = make_bpe_tokenizer()
     torch.manual_seed(1)
+    if kind == "chat-pad-eos":  # no own pad token: padding with EOS, which also ends every chat turn
+        tok.pad_token = tok.eos_token
+        kind = "chat"
     if kind == "chat":
         tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
         model = LlamaForSequenceClassification(LlamaConfig(
@@ -130,4 +134,10 @@ def make_rm(kind: str, d: str) -> str:
             num_labels=1, pad_token_id=tok.pad_token_id, max_position_embeddings=256, type_vocab_size=2))
     model.save_pretrained(d)
     tok.save_pretrained(d)
+    if kind == "pair":  # the tokenizer also returns segment ids, as BERT-style reward models need
+        import json
+        cfg_path = os.path.join(d, "tokenizer_config.json")
+        cfg = json.load(open(cfg_path))
+        cfg["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+        json.dump(cfg, open(cfg_path, "w"))
     return d

@@ -82,6 +82,9 @@ def test_hh_messages():
     assert ev.hh_messages(p) == [{"role": "user", "content": "Sort 7 3"}, {"role": "assistant", "content": "3 7"},
                                  {"role": "user", "content": "and 5 2?"}]
     assert ev.hh_messages("A reddit post.\n") == [{"role": "user", "content": "A reddit post."}]
+    # roles must alternate for chat templates: an empty turn and a preamble do not break that
+    p = "Context.\n\nHuman: a\n\nAssistant:\n\nHuman: b\n\nAssistant:"
+    assert ev.hh_messages(p) == [{"role": "user", "content": "Context.\n\na\n\nb"}]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,6 +137,7 @@ def test_synthetic_run_end_to_end(synthetic_run, tmp_path):
                      "rejected": r["rejected"] if agree else r["chosen"], "chosen_reward": 1.0, "rejected_reward": 0.0,
                      "human_agrees": agree})
     write_jsonl(os.path.join(run, "data", "weak.jsonl"), weak)
+    write_jsonl(os.path.join(run, "data", "weak.summary.json"), [{}])  # label.py's completion marker
     m = os.path.join(run, "models")
     out = str(tmp_path / "eval")
     cmd = [EVAL, "--run", run, "--out", out, "--num-prompts", "24", "--max-new-tokens", "6", "--batch-size", "5",
@@ -183,29 +187,33 @@ def independent_rm_score(path: str, kind: str, prompt: str, response: str) -> fl
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    if kind == "chat":
+    if hasattr(model, "score"):  # decoder RM, one unpadded sequence: transformers then reads the last token
+        model.config.pad_token_id = None
+    if kind.startswith("chat"):
         msgs = ev.hh_messages(prompt) + [{"role": "assistant", "content": response.strip()}]
         ids = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False, return_tensors="pt")
     else:
         ids = tok(prompt.strip(), response.strip(), return_tensors="pt")
+        assert ids["token_type_ids"].max() == 1  # the answer's segment is marked
     with torch.no_grad():
         return float(model(**ids).logits[0, 0])
 
 
-@pytest.mark.parametrize("kind", ["chat", "pair"])
+@pytest.mark.parametrize("kind", ["chat", "chat-pad-eos", "pair"])
 def test_gold_reward_model_end_to_end(kind, tiny_model_dir, tmp_path):
     rm = make_rm(kind, str(tmp_path / f"rm-{kind}"))
     run = str(tmp_path / "run")
     write_jsonl(os.path.join(run, "data", "test.jsonl"), HH_TEST)
     weak = [dict(r, chosen_reward=0.5, rejected_reward=0.1, human_agrees=i != 1) for i, r in enumerate(HH_TEST * 2)]
     write_jsonl(os.path.join(run, "data", "weak.jsonl"), weak)
+    write_jsonl(os.path.join(run, "data", "weak.summary.json"), [{}])
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump({"source": "hh-rlhf", "student_model": tiny_model_dir("opt")}, f)
     out = str(tmp_path / "eval")
     run_script(EVAL, "--run", run, "--out", out, "--gold-rm", rm, "--max-new-tokens", "5", "--rm-batch-size", "2",
                "--analysis-pairs", "4", "--policy", f"base={tiny_model_dir('opt')}", "--policy", f"sft={tiny_model_dir('gpt2')}")
     res = json.load(open(os.path.join(out, "results.json")))
-    assert res["setup"]["gold"] == f"{rm} ({kind} format)"
+    assert res["setup"]["gold"] == f"{rm} ({kind[:4]} format)"
     gens = read_jsonl(os.path.join(out, "generations.jsonl"))
     assert len(gens) == 2 * len(HH_TEST)
     for g in gens:  # batched, padded, sorted scoring == one unpadded forward per sample
@@ -227,3 +235,9 @@ def test_errors(synthetic_run, tmp_path, tiny_model_dir):
     assert p.returncode == 1 and f"{bad}:2" in p.stderr and "Traceback" not in p.stderr
     p = run_script(EVAL, "--policy", f"a={tiny_model_dir('opt')}", "--prompts", bad, "--out", str(tmp_path / "o"), check=False)
     assert p.returncode == 1 and "--gold-rm is required" in p.stderr
+
+
+def test_z_score_edge_cases():
+    assert ev.z_score(0.2, 0.1) == pytest.approx(2.0)
+    assert ev.z_score(-0.2, 0.0) == -math.inf and ev.z_score(0.2, 0.0) == math.inf
+    assert math.isnan(ev.z_score(0.0, 0.0)) and math.isnan(ev.z_score(0.3, float("nan")))

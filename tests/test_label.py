@@ -205,3 +205,38 @@ def test_command_line_errors(teacher, tmp_path):
     assert p.returncode == 1 and "no such model folder" in p.stderr and "Traceback" not in p.stderr
     p = run_script(LABEL, "--teacher", "--run", str(tmp_path), check=False)
     assert p.returncode == 1 and "config.json" in p.stderr
+
+
+def test_ties_are_not_broken_by_the_human_order(teacher, tmp_path):
+    """pi_w == pi_ref: every reward is exactly 0. The labels must then come from the fixed hash of the texts,
+    not from the input order (which is the human label): a teacher that learnt nothing must not copy it."""
+    import hashlib
+    pairs = [{"prompt": f"\n\nHuman: question {i}\n\nAssistant:", "chosen": f" answer {i}", "rejected": f" other {i}"}
+             for i in range(8)]
+    data = str(tmp_path / "pairs.jsonl")
+    write_jsonl(data, pairs)
+    out = str(tmp_path / "weak.jsonl")
+    p = run_script(LABEL, "--model", teacher["ref"], "--ref", teacher["ref"], "--data", data, "--out", out)
+    assert "8 pair(s) with exactly equal rewards" in p.stdout
+    rows = read_jsonl(out)
+    want = [hashlib.sha256((q["chosen"] + "\0" + q["rejected"]).encode()).digest()[0] < 128 for q in pairs]
+    assert [r["human_agrees"] for r in rows] == want
+    assert 0 < sum(want) < len(want)  # both outcomes occur: the human order was not copied
+    assert all(r["chosen_reward"] == r["rejected_reward"] == 0 for r in rows)
+
+
+def test_adapter_only_folder(teacher, labeled, tmp_path):
+    """PI_W may be just adapter/ on top of PI_REF (no merged weights beside it)."""
+    only = tmp_path / "adapter-only"
+    shutil.copytree(os.path.join(teacher["dpo"], "adapter"), only / "adapter")
+    out = str(tmp_path / "weak.jsonl")
+    label(teacher, str(only), out)
+    for a, b in zip(read_jsonl(labeled), read_jsonl(out)):
+        assert a == b
+
+
+def test_run_mode_needs_a_finished_teacher(synthetic_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(synthetic_run, run, ignore=shutil.ignore_patterns("teacher", "student", "eval"))
+    p = run_script(LABEL, "--teacher", "--run", run, check=False)
+    assert p.returncode == 1 and "no finished training" in p.stderr and "Traceback" not in p.stderr
