@@ -185,14 +185,22 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
     return out
 
 
-def shard_map(n: int, fn, desc: str, unit: str) -> dict:
-    """Run fn(list of indices) -> {index: value} over items 0..n-1, split over the ranks; rank 0 gets all."""
-    mine = list(range(wlt.rank(), n, wlt.world_size()))
-    res = fn(mine, tqdm(total=n, desc=desc, unit=unit, disable=wlt.rank() != 0))
-    return wlt.gather_dicts(res)
+def in_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Item indices in batches of similar length, longest first. Fixed by the data alone, so the work, and
+    every number in it, is the same for any number of processes and across a resumed run."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + size] for s in range(0, len(order), size)]
 
 
-def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: dict) -> dict[int, str]:
+def sharded(batches, fn, partial, tag: str, desc: str, unit: str) -> dict:
+    """wlt.run_batches with a progress bar: {item: value} on rank 0, {} elsewhere."""
+    bar = tqdm(total=sum(map(len, batches)), desc=desc, unit=unit, disable=wlt.rank() != 0, mininterval=1.0)
+    res = wlt.run_batches(batches, fn, partial, tag, bar)
+    bar.close()
+    return res
+
+
+def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: dict, partial) -> dict[int, str]:
     """{prompt index: response text} for one policy (this rank's share; rank 0 gets all after gathering)."""
     wlt.check_model_dir(path)
     tok = wlt.load_tokenizer(path, args.trust_remote_code)
@@ -221,21 +229,14 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
         raise wlt.WltError(f"{args.prompts}: prompt {empty[0] + 1} has no tokens under {path}'s tokenizer "
                            f"({len(empty)} such prompts); remove them or use a tokenizer that adds BOS")
 
-    def work(idx, bar):
-        res = {}
-        idx = sorted(idx, key=lambda i: -len(enc[i]))  # similar lengths together: less padding
-        for s in range(0, len(idx), args.batch_size):
-            b = idx[s:s + args.batch_size]
-            new = generate(model, [enc[i] for i in b], [args.seed + i for i in b], eos, pad, args.temperature,
-                           args.max_new_tokens, dev, args.dtype)
-            for i, ids in zip(b, new):
-                res[i] = tok.decode([t for t in ids if t != eos], skip_special_tokens=True)
-            bar.update(len(b) * wlt.world_size())
-        bar.close()
-        return res
+    def work(b: list[int]) -> dict:
+        new = generate(model, [enc[i] for i in b], [args.seed + i for i in b], eos, pad, args.temperature,
+                       args.max_new_tokens, dev, args.dtype)
+        return {i: tok.decode([t for t in ids if t not in eos], skip_special_tokens=True) for i, ids in zip(b, new)}
 
     t0 = time.time()
-    out = shard_map(len(prompts), work, f"sample {name}", "prompt")
+    out = sharded(in_batches([len(e) for e in enc], args.batch_size), work, partial, f"gen:{name}",
+                  f"sample {name}", "prompt")
     stats[name]["seconds"] = time.time() - t0
     del model
     return out
@@ -292,7 +293,7 @@ class GoldRM:
         return self.model(**batch).logits[:, 0]
 
     @torch.no_grad()
-    def score(self, items: list[tuple[str, str]], desc: str) -> list[float]:
+    def score(self, items: list[tuple[str, str]], desc: str, partial) -> list[float]:
         """Gold rewards of (prompt, response) items, split over the ranks; every rank gets the full list."""
         enc = []
         for i, (p, r) in enumerate(items):
@@ -302,20 +303,12 @@ class GoldRM:
                 raise wlt.WltError(f"{self.path}: cannot build the reward-model input of item {i} ({desc}): "
                                    f"{wlt.one_line(e)}") from None
 
-        def work(idx, bar):
-            res = {}
-            idx = sorted(idx, key=lambda i: -len(enc[i]))
-            for s in range(0, len(idx), self.batch_size):
-                b = idx[s:s + self.batch_size]
-                batch = self.tok.pad([enc[i] for i in b], return_tensors="pt")
-                scores = self.forward({k: v.to(self.dev) for k, v in batch.items()})
-                for i, v in zip(b, scores.float().cpu().tolist()):
-                    res[i] = v
-                bar.update(len(b) * wlt.world_size())
-            bar.close()
-            return res
+        def work(b: list[int]) -> dict:
+            batch = self.tok.pad([enc[i] for i in b], return_tensors="pt")
+            scores = self.forward({k: v.to(self.dev) for k, v in batch.items()})
+            return dict(zip(b, scores.float().cpu().tolist()))
 
-        res = shard_map(len(items), work, desc, "seq")
+        res = sharded(in_batches([len(e["input_ids"]) for e in enc], self.batch_size), work, partial, f"rm:{desc}", desc, "seq")
         res = broadcast(res)
         return [res[i] for i in range(len(items))]
 
@@ -471,10 +464,13 @@ def main():
         raise wlt.WltError(f"{args.prompts}: no prompts")
     wlt.log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
 
-    # ---- sample every policy (one model in memory at a time)
+    # ---- sample every policy (one model in memory at a time). Finished batches of samples and of scores are
+    # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped.
+    partial = wlt.Partial(os.path.join(args.out, "results"),
+                          {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     gen_stats, responses = {}, {}
     for name, path in pols.items():
-        responses[name] = broadcast(sample_policy(args, name, path, prompts, dev, gen_stats))
+        responses[name] = broadcast(sample_policy(args, name, path, prompts, dev, gen_stats, partial))
 
     # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
     weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(weak_path[:-len(".jsonl")] + ".summary.json")
@@ -487,16 +483,17 @@ def main():
     else:
         rm = GoldRM(args.gold_rm, args.rm_format, args.rm_batch_size, args.rm_max_len, dev, args.dtype, args.trust_remote_code)
         gold_name = f"{args.gold_rm} ({rm.fmt} format)"
-        gold = {n: rm.score([(p, r[i]) for i, p in enumerate(prompts)], f"gold {n}") for n, r in responses.items()}
+        gold = {n: rm.score([(p, r[i]) for i, p in enumerate(prompts)], f"gold {n}", partial) for n, r in responses.items()}
         if lq_rows and args.analysis_pairs and len(lq_rows) > args.analysis_pairs:
             pick = sorted(random.Random(args.seed).sample(range(len(lq_rows)), args.analysis_pairs))
             lq_rows = [lq_rows[i] for i in pick]
             sample_note = f"a seeded sample of {len(lq_rows)} of {len(weak_rows)}"
-        flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold D_u") if lq_rows else []
+        flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold D_u", partial) if lq_rows else []
         lq_gold = list(zip(flat[0::2], flat[1::2]))
         del rm
     if wlt.rank() != 0:
         wlt.barrier()
+        partial.remove()
         return
 
     # ---- statistics and tables
@@ -529,6 +526,7 @@ def main():
     wlt.write_json(marker, res)  # last: marks the evaluation complete
     wlt.log("\n" + md)
     wlt.barrier()
+    partial.remove()
 
 
 if __name__ == "__main__":

@@ -144,27 +144,30 @@ def main():
     by_len = sorted(todo, key=lambda i: -(len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"]))))
     batches = [by_len[s:s + args.batch_size] for s in range(0, len(by_len), args.batch_size)]
     pad = wlt.pad_id(tok)
-    logps = {}  # pair index -> [pi_w chosen, pi_w rejected, pi_ref chosen, pi_ref rejected]
+
+    def label_batch(idx: list[int]) -> dict:
+        """{pair index: [log pi_w(chosen), log pi_w(rejected), log pi_ref(chosen), log pi_ref(rejected)]}"""
+        b = {k: v.to(dev) for k, v in wlt.collate_pairs([exs[i] for i in idx], pad).items()}
+        lw = wlt.response_logps(pol, **b).float().cpu()   # [2B]: chosen rows then rejected rows
+        if ref is None:
+            with wlt.lora_disabled(pol):
+                lr = wlt.response_logps(pol, **b).float().cpu()
+        else:
+            lr = wlt.response_logps(ref, **b).float().cpu()
+        B = len(idx)
+        return {i: [lw[j].item(), lw[B + j].item(), lr[j].item(), lr[B + j].item()] for j, i in enumerate(idx)}
+
+    # finished batches are kept in OUT.partial/ as they are made: a killed run resumes where it stopped
+    partial = wlt.Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="label", unit="pair", disable=wlt.rank() != 0, mininterval=1.0)
     with torch.no_grad(), wlt.autocast(dev, args.dtype):
-        for idx in batches[wlt.rank()::wlt.world_size()]:
-            b = {k: v.to(dev) for k, v in wlt.collate_pairs([exs[i] for i in idx], pad).items()}
-            lw = wlt.response_logps(pol, **b).float().cpu()   # [2B]: chosen rows then rejected rows
-            if ref is None:
-                with wlt.lora_disabled(pol):
-                    lr = wlt.response_logps(pol, **b).float().cpu()
-            else:
-                lr = wlt.response_logps(ref, **b).float().cpu()
-            B = len(idx)
-            for j, i in enumerate(idx):
-                logps[i] = [lw[j].item(), lw[B + j].item(), lr[j].item(), lr[B + j].item()]
-            bar.update(B * wlt.world_size())
+        logps = wlt.run_batches(batches, label_batch, partial, "label", bar)  # rank 0: every pair; others: {}
     bar.close()
-    logps = wlt.gather_dicts(logps)  # rank 0: every pair's log-probs; other ranks: {}
     seconds = time.time() - t0
     if wlt.rank() != 0:
         wlt.barrier()
+        partial.remove()
         return
 
     # ---- Eq. 5 on the summed log-probs, then order each pair by the teacher's reward
@@ -217,11 +220,12 @@ def main():
                          for r in rows) / len(rows)}
     summary.update(args=vars(args), inputs=inputs)
     wlt.write_json(marker, summary)  # last: marks the output complete
+    wlt.barrier()
+    partial.remove()
     wlt.log(f"wrote {args.out}: {len(rows)} pairs, agreement with the input order {summary['agreement_with_input']:.3f}, "
             f"{summary['pairs_per_s']:.1f} pairs/s" + (f", {skips.total()} skipped" if skips.total() else "")
             + ("; gold accuracy weak {weak:.3f} / input {input:.3f}".format(**summary["gold_accuracy"])
                if "gold_accuracy" in summary else ""))
-    wlt.barrier()
 
 
 if __name__ == "__main__":

@@ -99,13 +99,18 @@ def main():
             return pair_logps(ref_model or model, exs).float().cpu()
 
     plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
+    settings = wlt.checkpoint_settings(args)
+    ckpt, start = wlt.checkpoint_to_resume(args.out, settings, inputs) if args.resume else (None, 0)
     # Computed over exactly the micro-batches this rank will train on (same padding, same shapes), so
     # while pi == pi_ref (step 1) every reward is exactly 0 and the loss exactly log 2, not float noise.
-    ref_train = [[ref_logps([train[i] for i in idx]) for idx, _ in wlt.micro_batches(batch, micro)]
-                 for batch in tqdm(plan, desc="reference log-probs", disable=wlt.rank() != 0)]
+    # Before a checkpoint is loaded: a full fine-tune's reference is the starting model, not the resumed one.
+    ref_train = {step: [ref_logps([train[i] for i in idx]) for idx, _ in wlt.micro_batches(plan[step], micro)]
+                 for step in tqdm(range(start, len(plan)), desc="reference log-probs", disable=wlt.rank() != 0)}
     ref_eval = wlt.sharded_map(len(evals), micro, lambda idx: ref_logps([evals[i] for i in idx])) if evals else None
     del ref_model
     params, opt, sched = wlt.build_optimizer(model, args, len(plan))
+    if ckpt:  # weights, optimizer, scheduler, RNG; the data position is the step (the plan is fixed by the seed)
+        wlt.load_checkpoint(ckpt, model, opt, sched)
 
     def loss_fn(pol: torch.Tensor, ref: torch.Tensor):
         """pol, ref: [B, 2] (chosen, rejected) summed log-probs -> (losses, chosen_rewards, rejected_rewards)."""
@@ -134,11 +139,13 @@ def main():
         return {f"eval/{k}": v for k, v in averaged(metrics(loss_fn(pol, ref_eval), pol, torch.ones(len(evals)))).items()}
 
     # ---- loop
-    log = wlt.MetricsLog(args.out)
-    bar = tqdm(plan, desc="dpo", disable=wlt.rank() != 0)
+    log = wlt.MetricsLog(args.out, start)
+    bar = tqdm(range(start, len(plan)), initial=start, total=len(plan), desc="dpo", disable=wlt.rank() != 0)
     t0, tokens = time.time(), 0
     lora_dropout(True)
-    for step, batch in enumerate(bar):
+    for step in bar:
+        wlt.fault_point("step", step + 1)
+        batch = plan[step]
         mbs = wlt.micro_batches(batch, micro)
         sums = torch.zeros(8)
         for j, (idx, w) in enumerate(mbs):
@@ -154,20 +161,24 @@ def main():
             ((out[0] * wts).sum() * W / len(batch)).backward()
             sums += metrics(out, pol, wts)
             tokens += sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e, x in zip(exs, w) if x)
+        sums = wlt.all_reduce_sum(sums)  # every micro-batch of every rank
+        loss_val = float(sums[0] / sums[-1])
+        if not torch.isfinite(torch.tensor(loss_val)):  # before the update: nothing corrupt reaches the weights
+            raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before the update, nothing saved "
+                               f"from this step (the last checkpoint, if any, is intact)")
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
         lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        sums = wlt.all_reduce_sum(sums)  # every micro-batch of every rank
         row = {"step": step + 1, **averaged(sums), "lr": lr_now, "grad_norm": grad_norm}
-        if not torch.isfinite(torch.tensor(row["loss"])):
-            raise wlt.WltError(f"loss is {row['loss']} at step {step + 1}; stopping before anything is saved")
         row["tokens/s"] = float(wlt.all_reduce_sum(torch.tensor([float(tokens)]))[0]) / max(1e-9, time.time() - t0)
         if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
             row.update(evaluate())
         log.write(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan):
+            wlt.save_checkpoint(args.out, model, opt, sched, step + 1, settings, inputs)
     log.close()
 
     # ---- save: merged HF checkpoint + adapter/ (PEFT layout), gathered to rank 0

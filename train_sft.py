@@ -41,6 +41,10 @@ def main():
     micro = args.micro_batch_size or max(1, args.batch_size // W)
     plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     params, opt, sched = wlt.build_optimizer(model, args, len(plan))
+    settings = wlt.checkpoint_settings(args)
+    ckpt, start = wlt.checkpoint_to_resume(args.out, settings, inputs) if args.resume else (None, 0)
+    if ckpt:  # weights, optimizer, scheduler, RNG; the data position is the step (the plan is fixed by the seed)
+        wlt.load_checkpoint(ckpt, model, opt, sched)
     pad = wlt.pad_id(tok)
 
     def batch_of(exs):
@@ -54,11 +58,13 @@ def main():
         return float(-logps.sum() / sum(len(e["chosen_ids"]) for e in evals))
 
     # ---- loop
-    log = wlt.MetricsLog(args.out)
+    log = wlt.MetricsLog(args.out, start)
     model.train()  # SFT keeps the model's own dropout
-    bar = tqdm(plan, desc="sft", disable=wlt.rank() != 0)
+    bar = tqdm(range(start, len(plan)), initial=start, total=len(plan), desc="sft", disable=wlt.rank() != 0)
     t0, seen_tokens = time.time(), 0
-    for step, batch in enumerate(bar):
+    for step in bar:
+        wlt.fault_point("step", step + 1)
+        batch = plan[step]
         n_tokens = sum(len(train[i]["chosen_ids"]) for i in batch)  # response tokens of the global batch
         mbs = wlt.micro_batches(batch, micro)
         nll_sum = 0.0  # summed NLL of this rank's share, for logging
@@ -75,15 +81,16 @@ def main():
             loss.backward()
             nll_sum += float(-(logps.detach() * wts).sum())
             seen_tokens += int((b["attention_mask"].sum(-1) * (wts > 0)).sum())  # real tokens, all positions
+        totals = wlt.all_reduce_sum(torch.tensor([nll_sum, float(seen_tokens)]))
+        loss_val = float(totals[0]) / n_tokens
+        if not torch.isfinite(torch.tensor(loss_val)):  # before the update: nothing corrupt reaches the weights
+            raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before the update, nothing saved "
+                               f"from this step (the last checkpoint, if any, is intact)")
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
         lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        totals = wlt.all_reduce_sum(torch.tensor([nll_sum, float(seen_tokens)]))
-        loss_val = float(totals[0]) / n_tokens
-        if not torch.isfinite(torch.tensor(loss_val)):
-            raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before anything is saved")
         row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm,
                "tokens/s": float(totals[1]) / max(1e-9, time.time() - t0)}
         if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
@@ -92,6 +99,8 @@ def main():
             model.train()
         log.write(row)
         bar.set_postfix(loss=f"{loss_val:.4f}", **({"eval": f"{row['eval/loss']:.4f}"} if "eval/loss" in row else {}))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan):
+            wlt.save_checkpoint(args.out, model, opt, sched, step + 1, settings, inputs)
     log.close()
 
     # ---- save: full state dict gathered to rank 0 (a collective under FSDP2)

@@ -852,8 +852,10 @@ def add_train_args(ap: argparse.ArgumentParser, kind: str) -> None:
     o.add_argument("--eval-every", type=int, default=50, help="evaluate the held-out slice every N steps (and at the end)")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU")
     o.add_argument("--resume", action="store_true",
-                   help="if --out already holds a finished run with the same settings, exit without training "
-                        "(mid-run checkpoints: see README, 'Status')")
+                   help="continue from --out's newest mid-run checkpoint when it was made with the same settings and "
+                        "inputs; exit at once if --out holds a finished run with the same settings and inputs")
+    o.add_argument("--save-every", type=int, default=100,
+                   help="write a mid-run checkpoint (trainable weights, optimizer, scheduler, RNG, step) every N steps (0: never)")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
 
@@ -999,11 +1001,26 @@ def clip_grads(params, max_norm: float) -> float:
 class MetricsLog:
     """metrics.jsonl in the output folder, written by rank 0 only, one JSON object per line."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, start_step: int = 0):
+        """start_step > 0 (a resumed run): keep the rows of steps 1..start_step, drop later ones (written after
+        the checkpoint the run resumes from), so every step appears exactly once."""
         self.f = None
         if rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
-            self.f = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            keep = []
+            if start_step and os.path.isfile(path):
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:  # a line cut by a kill
+                            continue
+                        if row.get("step", 0) <= start_step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+            self.f = open(path, "w")
+            self.f.writelines(keep)
+            self.f.flush()
 
     def write(self, row: dict) -> None:
         if self.f:
@@ -1071,6 +1088,7 @@ def begin(args) -> dict | None:
     settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
     (train_config.json) and adapter/, so a crash can never leave a folder that looks finished, and returns
     the inputs' fingerprints for finish()."""
+    init_distributed()
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     marker = os.path.join(args.out, "train_config.json")
     if args.resume and os.path.isfile(marker):
@@ -1082,15 +1100,206 @@ def begin(args) -> dict | None:
         if os.path.isfile(marker):
             os.remove(marker)
         shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)
+        if not args.resume:  # a fresh start: an old mid-run checkpoint must not be picked up later
+            for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
+                shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    barrier()
     return inputs
 
 
 def finish(args, stats: dict, inputs: dict) -> None:
     """Last write of a training run: the resolved settings, data counts and input fingerprints. Its presence
-    marks a complete output."""
+    marks a complete output. The mid-run checkpoint is no longer needed then and is removed."""
     if rank() == 0:
         write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
+        for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
+            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
     barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6c. mid-run checkpoints: OUT/checkpoint/ holds the newest one
+#
+#   model + optimizer   torch.distributed.checkpoint (DCP) shards, trainable parameters only (with LoRA: the
+#                       adapter), so a 2-process run writes two halves and could resume on another count
+#   state.pt            step (= the data position: the batch plan is a pure function of the seed), the
+#                       scheduler, and the settings + input fingerprints it belongs to
+#   rng-RANK.pt         each rank's torch / CUDA / python RNG state (dropout draws)
+# Written to checkpoint.tmp/, then swapped in by renames, so a kill at any moment leaves either the previous
+# checkpoint or the new one complete (a kill between the two renames leaves it as checkpoint.old/).
+
+CKPT = "checkpoint"
+
+
+def _ckpt_options(strict: bool = True):
+    """Trainable parameters only. Loading them back is strict=False for the frozen base weights, which are
+    not in the checkpoint; the keys that are come from get_state_dict on this very model, so none is missing."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def checkpoint_settings(args) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (how often it is saved does not matter)."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every")}
+
+
+def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, settings: dict, inputs: dict) -> None:
+    """Save the training state after `step` optimizer steps. A collective: every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final, tmp, old = (os.path.join(out_dir, d) for d in (CKPT, CKPT + ".tmp", CKPT + ".old"))
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, opt, options=_ckpt_options())
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng-{rank()}.pt"))
+    barrier()
+    if rank() == 0:
+        torch.save({"step": step, "sched": sched.state_dict(), "world_size": world_size(), "args": settings,
+                    "inputs": inputs}, os.path.join(tmp, "state.pt"))
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[str | None, int]:
+    """(folder, step) of a complete checkpoint in out_dir made with the same settings and inputs, or (None, 0)."""
+    for d in (CKPT, CKPT + ".old"):
+        path = os.path.join(out_dir, d)
+        state = os.path.join(path, "state.pt")
+        if not os.path.isfile(state):
+            continue
+        st = torch.load(state, weights_only=True)
+        same = st.get("inputs") == inputs and all(st.get("args", {}).get(k) == v for k, v in settings.items())
+        if not same:
+            log(f"{path}: made with other settings or inputs; starting from step 0")
+            return None, 0
+        return path, int(st["step"])
+    return None, 0
+
+
+def load_checkpoint(path: str, model: nn.Module, opt, sched) -> None:
+    """Restore model (trainable parameters), optimizer, scheduler and this rank's RNG from save_checkpoint's
+    folder. A collective: every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt, options=_ckpt_options())  # the target layout (and optimizer state)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_ckpt_options(strict=False))
+    st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    sched.load_state_dict(st["sched"])
+    rng_path = os.path.join(path, f"rng-{rank()}.pt")
+    if os.path.isfile(rng_path):  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    log(f"resumed from {path} at step {st['step']}")
+
+
+class Partial:
+    """Resumable partial results of label.py and evaluate.py: OUT.partial/ beside the output, holding meta.json
+    (the settings and inputs the results belong to) and one append-only rank-N.jsonl per process of
+    {"k": key, "v": value} lines, flushed as they are made. A rerun with the same settings reads every complete
+    line back (a kill can only cut a file's last line, which is skipped) and computes only what is missing;
+    other settings discard it. remove() after the final output is written."""
+
+    def __init__(self, out: str, settings: dict):
+        self.dir = out + ".partial"
+        meta = os.path.join(self.dir, "meta.json")
+        settings = json.loads(json.dumps(settings))  # the form it takes on disk
+        if rank() == 0:
+            try:
+                same = json.load(open(meta)) == settings
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                os.makedirs(self.dir)
+                write_json(meta, settings)
+        barrier()
+        self.done = {}
+        for fn in sorted(os.listdir(self.dir)):
+            if fn.startswith("rank-") and fn.endswith(".jsonl"):
+                with open(os.path.join(self.dir, fn), encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            rec = json.loads(line)
+                            self.done[rec["k"]] = rec["v"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            continue
+        barrier()  # every rank has read the files before any rank appends to them
+        path = os.path.join(self.dir, f"rank-{rank()}.jsonl")
+        if os.path.isfile(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+        else:
+            cut = False
+        self.f = open(path, "a", encoding="utf-8")
+        if cut:  # the last line was cut by a kill: start a fresh line
+            self.f.write("\n")
+        if self.done:
+            log(f"{self.dir}: resuming with {len(self.done)} finished piece(s) of work")
+
+    def add(self, key: str, value) -> None:
+        self.f.write(json.dumps({"k": key, "v": value}) + "\n")
+        self.f.flush()
+
+    def remove(self) -> None:
+        self.f.close()
+        barrier()
+        if rank() == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_BATCHES_DONE = 0  # batches finished by this process, over every run_batches call (for fault_point)
+
+
+def run_batches(batches: list, fn, partial: Partial, tag: str, bar=None) -> dict:
+    """Run fn(batch) -> {item: value} over the batches not yet in `partial`, dealt out to the ranks in turn
+    (batch k of the remaining list to rank k mod W), recording each finished batch. The batches are fixed by
+    the caller, so any number of processes and any interruption give the same values. Returns every item's
+    value on rank 0 ({} on the other ranks). JSON keys: items come back as strings and are turned to int."""
+    remaining = [k for k in range(len(batches)) if f"{tag}:{k}" not in partial.done]
+    if bar is not None:
+        bar.update(sum(len(batches[k]) for k in range(len(batches)) if f"{tag}:{k}" in partial.done))
+    global _BATCHES_DONE
+    res = {}
+    for k in remaining[rank()::world_size()]:
+        out = fn(batches[k])
+        partial.add(f"{tag}:{k}", [[i, v] for i, v in out.items()])
+        res.update(out)
+        _BATCHES_DONE += 1
+        fault_point("batch", _BATCHES_DONE)
+        if bar is not None:
+            bar.update(len(batches[k]) * world_size())
+    res = gather_dicts(res)
+    if rank() == 0:
+        for k in range(len(batches)):
+            for i, v in partial.done.get(f"{tag}:{k}", []):
+                res[int(i)] = v
+    return res
+
+
+def fault_point(kind: str, n: int) -> None:
+    """Test hook: WLT_FAULT=KIND:N kills this process (SIGKILL, no cleanup) when it reaches point N of KIND
+    ("step": before optimizer step N; "batch": after N labeling/sampling batches). Used by tests/test_faults.py
+    to interrupt runs at exact places; unset, it does nothing."""
+    if os.environ.get("WLT_FAULT") == f"{kind}:{n}" and rank() == int(os.environ.get("WLT_FAULT_RANK", "0")):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Nothing lost, nothing silent: runs killed with SIGKILL at exact places (WLT_FAULT, wlt.fault_point) and
+rerun must end with the outputs of an uninterrupted run; a NaN loss stops before the update; bad input is a
+one-line error naming file:line."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script, torchrun
+
+SFT = os.path.join(ROOT, "train_sft.py")
+DPO = os.path.join(ROOT, "train_dpo.py")
+LABEL = os.path.join(ROOT, "label.py")
+EVAL = os.path.join(ROOT, "evaluate.py")
+KILLED = -signal.SIGKILL
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_weights(a: str, b: str, name: str = "model.safetensors") -> None:
+    x, y = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.allclose(x[k], y[k], atol=1e-6, rtol=0), k
+
+
+def test_dpo_killed_then_resumed_equals_uninterrupted(synthetic_run, tmp_path):
+    """LoRA DPO with LoRA dropout (so the RNG state matters), checkpoints every 2 steps, killed before step 5."""
+    args = ["--model", os.path.join(synthetic_run, "models", "teacher-base"), "--data",
+            os.path.join(synthetic_run, "data", "labeled.jsonl"), "--max-steps", "6", "--batch-size", "8",
+            "--save-every", "2", "--lora-dropout", "0.2", "--lr", "1e-2", "--eval-pairs", "0"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_script(DPO, *args, "--out", full)
+    p = run_script(DPO, *args, "--out", cut, env={"WLT_FAULT": "step:5"}, check=False)
+    assert p.returncode == KILLED
+    assert not os.path.exists(os.path.join(cut, "train_config.json"))  # not finished, and does not look it
+    assert torch.load(os.path.join(cut, "checkpoint", "state.pt"), weights_only=True)["step"] == 4
+    p = run_script(DPO, *args, "--out", cut, "--resume")
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    same_weights(full, cut)
+    same_weights(full, cut, os.path.join("adapter", "adapter_model.safetensors"))
+    a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(cut, "metrics.jsonl"))
+    assert [r["step"] for r in b] == list(range(1, 7))  # every step exactly once
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+    assert not os.path.exists(os.path.join(cut, "checkpoint"))  # removed once the run is complete
+
+
+def test_checkpoint_of_other_settings_is_not_used(synthetic_run, tmp_path):
+    args = ["--model", os.path.join(synthetic_run, "models", "teacher-base"), "--data",
+            os.path.join(synthetic_run, "data", "labeled.jsonl"), "--max-steps", "4", "--batch-size", "8",
+            "--save-every", "2", "--eval-pairs", "0", "--out", str(tmp_path / "o")]
+    p = run_script(SFT, *args, env={"WLT_FAULT": "step:4"}, check=False)
+    assert p.returncode == KILLED
+    p = run_script(SFT, *args, "--lr", "1e-3", "--resume")
+    assert "made with other settings" in p.stdout and "resumed from" not in p.stdout
+
+
+def test_sft_two_processes_killed_then_resumed(synthetic_run, tmp_path):
+    """FSDP2 over 2 processes: rank 1 is killed before step 4; the rerun resumes from the sharded checkpoint of
+    step 2 and ends with the weights of an uninterrupted 2-process run."""
+    args = ["--model", os.path.join(synthetic_run, "models", "teacher-base"), "--data",
+            os.path.join(synthetic_run, "data", "labeled.jsonl"), "--max-steps", "5", "--batch-size", "8",
+            "--save-every", "2", "--eval-pairs", "0", "--lr", "1e-2"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    torchrun(2, SFT, *args, "--out", full)
+    p = torchrun(2, SFT, *args, "--out", cut, env={"WLT_FAULT": "step:4", "WLT_FAULT_RANK": "1"}, check=False)
+    assert p.returncode != 0 and not os.path.exists(os.path.join(cut, "train_config.json"))
+    p = torchrun(2, SFT, *args, "--out", cut, "--resume")
+    assert "at step 2" in p.stdout
+    same_weights(full, cut)
+    assert [r["step"] for r in read_jsonl(os.path.join(cut, "metrics.jsonl"))] == list(range(1, 6))
+
+
+def test_nan_loss_stops_before_the_update(synthetic_run, tmp_path):
+    out = str(tmp_path / "o")
+    p = run_script(DPO, "--model", os.path.join(synthetic_run, "models", "teacher-base"), "--data",
+                   os.path.join(synthetic_run, "data", "labeled.jsonl"), "--max-steps", "6", "--batch-size", "8",
+                   "--lr", "1e30", "--eval-pairs", "0", "--out", out, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "loss is nan at step" in p.stderr or "loss is inf at step" in p.stderr
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "train_config.json"))
+
+
+def test_label_killed_then_resumed(synthetic_run, tmp_path):
+    """label.py killed after 3 batches resumes from OUT.partial/: every row exactly once, in the input order,
+    byte-identical to an uninterrupted run."""
+    m = os.path.join(synthetic_run, "models")
+    data = str(tmp_path / "pairs.jsonl")
+    with open(os.path.join(synthetic_run, "data", "unlabeled.jsonl")) as f, open(data, "w") as g:
+        g.writelines(line for _, line in zip(range(40), f))
+    args = ["--model", f"{m}/student-base", "--ref", f"{m}/teacher-base", "--data", data, "--batch-size", "4"]
+    full, cut = str(tmp_path / "full.jsonl"), str(tmp_path / "cut.jsonl")
+    run_script(LABEL, *args, "--out", full)
+    p = run_script(LABEL, *args, "--out", cut, env={"WLT_FAULT": "batch:3"}, check=False)
+    assert p.returncode == KILLED and not os.path.exists(cut)
+    assert len(read_jsonl(os.path.join(cut + ".partial", "rank-0.jsonl"))) == 3
+    p = run_script(LABEL, *args, "--out", cut)
+    assert "resuming with 3" in p.stdout
+    assert open(full).read() == open(cut).read()
+    assert not os.path.exists(cut + ".partial")
+    # a cut last line (a kill in the middle of a write) is skipped, not fatal
+    p = run_script(LABEL, *args, "--out", cut, "--overwrite", env={"WLT_FAULT": "batch:2"}, check=False)
+    with open(os.path.join(cut + ".partial", "rank-0.jsonl"), "a") as f:
+        f.write('{"k": "label:9", "v": [[1, ')
+    run_script(LABEL, *args, "--out", cut, "--overwrite")
+    assert open(full).read() == open(cut).read()
+
+
+def test_evaluate_killed_then_resumed(synthetic_run, tmp_path):
+    m = os.path.join(synthetic_run, "models")
+    args = ["--run", synthetic_run, "--num-prompts", "20", "--max-new-tokens", "5", "--batch-size", "4",
+            "--policy", f"a={m}/teacher-base", "--policy", f"b={m}/student-base"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    run_script(EVAL, *args, "--out", full)
+    p = run_script(EVAL, *args, "--out", cut, env={"WLT_FAULT": "batch:7"}, check=False)  # inside policy b
+    assert p.returncode == KILLED and not os.path.exists(os.path.join(cut, "results.json"))
+    p = run_script(EVAL, *args, "--out", cut)
+    assert "resuming with 7" in p.stdout
+    assert open(os.path.join(full, "generations.jsonl")).read() == open(os.path.join(cut, "generations.jsonl")).read()
+    assert open(os.path.join(full, "results.md")).read() == open(os.path.join(cut, "results.md")).read()
+
+
+def test_malformed_lines_are_one_line_errors(synthetic_run, tmp_path):
+    data = str(tmp_path / "bad.jsonl")
+    with open(data, "w") as f:
+        f.write('{"prompt": "sort: 1 2 =>", "chosen": " 1 2", "rejected": " 2 1"}\n{"prompt": "p", "chosen": "a"\n')
+    m = os.path.join(synthetic_run, "models", "teacher-base")
+    for script, extra in ((SFT, []), (DPO, []), (LABEL, ["--ref", m])):
+        p = run_script(script, "--model", m, "--data", data, "--out", str(tmp_path / "o"), *extra, check=False)
+        assert p.returncode == 1 and f"{data}:2: not valid JSON" in p.stderr and "Traceback" not in p.stderr, script
+    import wlt
+    with open(data, "w") as f:
+        f.write('["a list"]\n')
+    with pytest.raises(wlt.WltError, match=f"{data}:1: expected a JSON object"):
+        wlt.read_pairs(data)
