@@ -466,6 +466,8 @@ def main():
 
     # ---- sample every policy (one model in memory at a time). Finished batches of samples and of scores are
     # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped.
+    if args.overwrite and wlt.rank() == 0:  # evaluate from scratch, not from an earlier run's batches
+        wlt.remove_dir(os.path.join(args.out, "results.partial"))
     partial = wlt.Partial(os.path.join(args.out, "results"),
                           {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     gen_stats, responses = {}, {}
@@ -483,12 +485,12 @@ def main():
     else:
         rm = GoldRM(args.gold_rm, args.rm_format, args.rm_batch_size, args.rm_max_len, dev, args.dtype, args.trust_remote_code)
         gold_name = f"{args.gold_rm} ({rm.fmt} format)"
-        gold = {n: rm.score([(p, r[i]) for i, p in enumerate(prompts)], f"gold {n}", partial) for n, r in responses.items()}
+        gold = {n: rm.score([(p, r[i]) for i, p in enumerate(prompts)], f"gold of policy {n}", partial) for n, r in responses.items()}
         if lq_rows and args.analysis_pairs and len(lq_rows) > args.analysis_pairs:
             pick = sorted(random.Random(args.seed).sample(range(len(lq_rows)), args.analysis_pairs))
             lq_rows = [lq_rows[i] for i in pick]
             sample_note = f"a seeded sample of {len(lq_rows)} of {len(weak_rows)}"
-        flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold D_u", partial) if lq_rows else []
+        flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold of D_u pairs", partial) if lq_rows else []
         lq_gold = list(zip(flat[0::2], flat[1::2]))
         del rm
     if wlt.rank() != 0:

@@ -158,6 +158,8 @@ def main():
         return {i: [lw[j].item(), lw[B + j].item(), lr[j].item(), lr[B + j].item()] for j, i in enumerate(idx)}
 
     # finished batches are kept in OUT.partial/ as they are made: a killed run resumes where it stopped
+    if args.overwrite and wlt.rank() == 0:  # relabel from scratch, not from an earlier run's batches
+        wlt.remove_dir(args.out + ".partial")
     partial = wlt.Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="label", unit="pair", disable=wlt.rank() != 0, mininterval=1.0)

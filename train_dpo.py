@@ -13,6 +13,7 @@ Output: a merged HF checkpoint in --out, the adapter in --out/adapter/ (PEFT lay
 train_config.json.
 """
 import argparse
+import math
 import os
 import time
 
@@ -167,6 +168,9 @@ def main():
             raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before the update, nothing saved "
                                f"from this step (the last checkpoint, if any, is intact)")
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
+        if not math.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients (e.g. bf16 overflow)
+            raise wlt.WltError(f"gradient norm is {grad_norm} at step {step + 1}; stopping before the update, nothing "
+                               f"saved from this step (the last checkpoint, if any, is intact)")
         lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()

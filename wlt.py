@@ -1018,9 +1018,8 @@ class MetricsLog:
                             continue
                         if row.get("step", 0) <= start_step:
                             keep.append(line if line.endswith("\n") else line + "\n")
-            self.f = open(path, "w")
-            self.f.writelines(keep)
-            self.f.flush()
+            write_text(path, "".join(keep))  # atomically: a kill here keeps the old file
+            self.f = open(path, "a")
 
     def write(self, row: dict) -> None:
         if self.f:
@@ -1066,7 +1065,7 @@ def fingerprint(path: str | None):
     out = []
     for root, _, files in sorted(os.walk(path)):
         for f in sorted(files):
-            if f != "metrics.jsonl":
+            if f != "metrics.jsonl" and not os.path.relpath(root, path).startswith(CKPT):
                 st = os.stat(os.path.join(root, f))
                 out.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
     return out
@@ -1092,8 +1091,11 @@ def begin(args) -> dict | None:
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     marker = os.path.join(args.out, "train_config.json")
     if args.resume and os.path.isfile(marker):
-        if same_settings(marker, vars(args), inputs):
+        if same_settings(marker, vars(args), inputs, ignore=("resume", "save_every")):
             log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--resume)")
+            if rank() == 0:  # a kill inside finish() can leave the last checkpoint behind
+                for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
+                    remove_dir(os.path.join(args.out, d))
             return None
         log(f"{args.out}: settings or inputs changed since the finished run there; training again")
     if rank() == 0:
@@ -1102,7 +1104,7 @@ def begin(args) -> dict | None:
         shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)
         if not args.resume:  # a fresh start: an old mid-run checkpoint must not be picked up later
             for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
-                shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+                remove_dir(os.path.join(args.out, d))
     barrier()
     return inputs
 
@@ -1113,29 +1115,31 @@ def finish(args, stats: dict, inputs: dict) -> None:
     if rank() == 0:
         write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
         for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+            remove_dir(os.path.join(args.out, d))
     barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 6c. mid-run checkpoints: OUT/checkpoint/ holds the newest one
 #
-#   model + optimizer   torch.distributed.checkpoint (DCP) shards, trainable parameters only (with LoRA: the
-#                       adapter), so a 2-process run writes two halves and could resume on another count
-#   state.pt            step (= the data position: the batch plan is a pure function of the seed), the
-#                       scheduler, and the settings + input fingerprints it belongs to
-#   rng-RANK.pt         each rank's torch / CUDA / python RNG state (dropout draws)
+#   weights.safetensors  the trainable parameters (with LoRA: the adapter) and the optimizer's per-parameter
+#                        state (AdamW moments, step), gathered to rank 0 as full tensors: safetensors, no pickle
+#   state.pt             step (= the data position: the batch plan is a pure function of the seed), scheduler,
+#                        optimizer hyper-parameters, and the settings + input fingerprints it belongs to
+#   rng-RANK.pt          each rank's torch / CUDA / python RNG state (dropout draws)
+# Both .pt files hold plain numbers and strings and are read with torch.load(weights_only=True).
 # Written to checkpoint.tmp/, then swapped in by renames, so a kill at any moment leaves either the previous
 # checkpoint or the new one complete (a kill between the two renames leaves it as checkpoint.old/).
 
 CKPT = "checkpoint"
 
 
-def _ckpt_options(strict: bool = True):
-    """Trainable parameters only. Loading them back is strict=False for the frozen base weights, which are
-    not in the checkpoint; the keys that are come from get_state_dict on this very model, so none is missing."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+def remove_dir(path: str) -> None:
+    """Delete a folder so that a kill half-way cannot leave a partial copy under its name: rename, then delete."""
+    if os.path.isdir(path):
+        trash = f"{path}.trash.{os.getpid()}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def checkpoint_settings(args) -> dict:
@@ -1143,60 +1147,85 @@ def checkpoint_settings(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every")}
 
 
+def _ckpt_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+
+
 def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, settings: dict, inputs: dict) -> None:
     """Save the training state after `step` optimizer steps. A collective: every rank must call it."""
-    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp, old = (os.path.join(out_dir, d) for d in (CKPT, CKPT + ".tmp", CKPT + ".old"))
     if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dir(tmp)
         os.makedirs(tmp)
     barrier()
-    msd, osd = get_state_dict(model, opt, options=_ckpt_options())
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    msd, osd = get_state_dict(model, opt, options=_ckpt_options(cpu_offload=True))  # full tensors on rank 0
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, os.path.join(tmp, f"rng-{rank()}.pt"))
+    if rank() == 0:
+        tensors = {f"model/{k}": v.contiguous() for k, v in msd.items()}
+        for fqn, st in osd["state"].items():
+            for name, v in st.items():
+                tensors[f"optim/{fqn}/{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+        save_file(tensors, os.path.join(tmp, "weights.safetensors"))
+        torch.save({"step": step, "sched": sched.state_dict(), "param_groups": osd["param_groups"],
+                    "world_size": world_size(), "args": settings, "inputs": inputs}, os.path.join(tmp, "state.pt"))
     barrier()
     if rank() == 0:
-        torch.save({"step": step, "sched": sched.state_dict(), "world_size": world_size(), "args": settings,
-                    "inputs": inputs}, os.path.join(tmp, "state.pt"))
         if os.path.isdir(final):
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     barrier()
 
 
 def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[str | None, int]:
-    """(folder, step) of a complete checkpoint in out_dir made with the same settings and inputs, or (None, 0)."""
+    """(folder, step) of a complete checkpoint in out_dir made with the same settings and inputs, or (None, 0).
+    A checkpoint of other settings is removed, so it can never be resumed later by mistake. Every rank calls it."""
+    found, step = None, 0
     for d in (CKPT, CKPT + ".old"):
         path = os.path.join(out_dir, d)
-        state = os.path.join(path, "state.pt")
-        if not os.path.isfile(state):
+        if not all(os.path.isfile(os.path.join(path, f)) for f in ("state.pt", "weights.safetensors")):
             continue
-        st = torch.load(state, weights_only=True)
-        same = st.get("inputs") == inputs and all(st.get("args", {}).get(k) == v for k, v in settings.items())
-        if not same:
+        st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+        if st.get("inputs") == inputs and all(st.get("args", {}).get(k) == v for k, v in settings.items()):
+            found, step = path, int(st["step"])
+            if st.get("world_size") != world_size():
+                log(f"warning: {path} was saved by {st.get('world_size')} process(es), resumed by {world_size()}: "
+                    f"the result will not be bit-equal to an uninterrupted run")
+        else:
             log(f"{path}: made with other settings or inputs; starting from step 0")
-            return None, 0
-        return path, int(st["step"])
-    return None, 0
+        break
+    barrier()  # every rank has read it before it may be removed
+    if found is None and rank() == 0:
+        for d in (CKPT, CKPT + ".old"):
+            remove_dir(os.path.join(out_dir, d))
+    return found, step
 
 
 def load_checkpoint(path: str, model: nn.Module, opt, sched) -> None:
     """Restore model (trainable parameters), optimizer, scheduler and this rank's RNG from save_checkpoint's
     folder. A collective: every rank must call it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, opt, options=_ckpt_options())  # the target layout (and optimizer state)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_ckpt_options(strict=False))
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
     st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    msd, state = {}, {}
+    for k, v in load_file(os.path.join(path, "weights.safetensors")).items():
+        kind, rest = k.split("/", 1)
+        if kind == "model":
+            msd[rest] = v
+        else:
+            fqn, name = rest.rsplit("/", 1)
+            state.setdefault(fqn, {})[name] = v
+    # every rank reads the full tensors and keeps its own shard of them; strict=False: the frozen base weights
+    # are not in a checkpoint (they never change)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": st["param_groups"]},
+                   options=_ckpt_options(strict=False))
     sched.load_state_dict(st["sched"])
     rng_path = os.path.join(path, f"rng-{rank()}.pt")
     if os.path.isfile(rng_path):  # absent when resuming on more ranks than saved

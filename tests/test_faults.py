@@ -107,10 +107,13 @@ def test_label_killed_then_resumed(synthetic_run, tmp_path):
     assert open(full).read() == open(cut).read()
     assert not os.path.exists(cut + ".partial")
     # a cut last line (a kill in the middle of a write) is skipped, not fatal
-    p = run_script(LABEL, *args, "--out", cut, "--overwrite", env={"WLT_FAULT": "batch:2"}, check=False)
+    os.remove(cut)
+    p = run_script(LABEL, *args, "--out", cut, env={"WLT_FAULT": "batch:2"}, check=False)
+    assert p.returncode == KILLED
     with open(os.path.join(cut + ".partial", "rank-0.jsonl"), "a") as f:
         f.write('{"k": "label:9", "v": [[1, ')
-    run_script(LABEL, *args, "--out", cut, "--overwrite")
+    p = run_script(LABEL, *args, "--out", cut)
+    assert "resuming with 2" in p.stdout
     assert open(full).read() == open(cut).read()
 
 
