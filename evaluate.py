@@ -86,17 +86,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_config(run: str | None) -> dict:
-    if not run:
-        return {}
-    path = os.path.join(run, "config.json")
-    try:
-        import json
-        return json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise wlt.WltError(f"{path}: cannot read the run's config ({wlt.one_line(e)}); run `wlt.py prepare` first") from None
-
-
 def policies(args, cfg: dict) -> dict[str, str]:
     """name -> model path, in table order."""
     if args.policy:
@@ -185,13 +174,6 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
     return out
 
 
-def in_batches(lengths: list[int], size: int) -> list[list[int]]:
-    """Item indices in batches of similar length, longest first. Fixed by the data alone, so the work, and
-    every number in it, is the same for any number of processes and across a resumed run."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s:s + size] for s in range(0, len(order), size)]
-
-
 def sharded(batches, fn, partial, tag: str, desc: str, unit: str) -> dict:
     """wlt.run_batches with a progress bar: {item: value} on rank 0, {} elsewhere."""
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit=unit, disable=wlt.rank() != 0, mininterval=1.0)
@@ -235,7 +217,7 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
         return {i: tok.decode([t for t in ids if t not in eos], skip_special_tokens=True) for i, ids in zip(b, new)}
 
     t0 = time.time()
-    out = sharded(in_batches([len(e) for e in enc], args.batch_size), work, partial, f"gen:{name}",
+    out = sharded(wlt.in_batches([len(e) for e in enc], args.batch_size), work, partial, f"gen:{name}",
                   f"sample {name}", "prompt")
     stats[name]["seconds"] = time.time() - t0
     del model
@@ -308,7 +290,7 @@ class GoldRM:
             scores = self.forward({k: v.to(self.dev) for k, v in batch.items()})
             return dict(zip(b, scores.float().cpu().tolist()))
 
-        res = sharded(in_batches([len(e["input_ids"]) for e in enc], self.batch_size), work, partial, f"rm:{desc}", desc, "seq")
+        res = sharded(wlt.in_batches([len(e["input_ids"]) for e in enc], self.batch_size), work, partial, f"rm:{desc}", desc, "seq")
         res = broadcast(res)
         return [res[i] for i in range(len(items))]
 
@@ -433,7 +415,7 @@ def results_markdown(res: dict) -> str:
 
 def main():
     args = parse_args()
-    cfg = run_config(args.run)
+    cfg = wlt.read_run_config(args.run) if args.run else {}
     synthetic = cfg.get("source") == "synthetic" and not args.gold_rm
     if not synthetic and not args.gold_rm:
         raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
@@ -475,7 +457,7 @@ def main():
         responses[name] = broadcast(sample_policy(args, name, path, prompts, dev, gen_stats, partial))
 
     # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
-    weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(weak_path[:-len(".jsonl")] + ".summary.json")
+    weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(wlt.summary_path(weak_path))
     weak_rows = [r for _, r in wlt.iter_jsonl(weak_path)] if weak_done else []
     lq_rows, sample_note = weak_rows, ""
     if synthetic:

@@ -70,7 +70,7 @@ def parse_args() -> argparse.Namespace:
         if args.beta is None:  # the beta the teacher was trained with (DPO_ARGS may have overridden the run's)
             args.beta = json.load(open(os.path.join(args.model, "train_config.json")))["args"].get("beta", run_beta)
         if args.max_len is None:  # the run's length limit, so D_u keeps every pair the human-label student sees
-            args.max_len = json.load(open(os.path.join(args.run, "config.json"))).get("max_len", 512)
+            args.max_len = wlt.read_run_config(args.run).get("max_len", 512)
     elif args.teacher:
         ap.error("--teacher needs --run")
     for k in ("model", "ref", "data", "out"):
@@ -79,10 +79,6 @@ def parse_args() -> argparse.Namespace:
     args.beta = 0.1 if args.beta is None else args.beta
     args.max_len = 512 if args.max_len is None else args.max_len
     return args
-
-
-def summary_path(out: str) -> str:
-    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
 
 
 def load_teacher(args, dev):
@@ -106,7 +102,7 @@ def load_teacher(args, dev):
 def main():
     args = parse_args()
     inputs = {k: wlt.fingerprint(getattr(args, k)) for k in ("model", "ref", "data")}
-    marker = summary_path(args.out)
+    marker = wlt.summary_path(args.out)
     if not args.overwrite and os.path.isfile(args.out) and wlt.same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
         wlt.log(f"{args.out}: already labeled with the same settings and inputs; nothing to do (--overwrite relabels)")
         return
@@ -141,8 +137,8 @@ def main():
 
     # ---- batches of similar length (less padding), longest first, dealt out to the ranks in turn. The batches
     # do not depend on the number of processes, so 1 and N processes compute exactly the same numbers.
-    by_len = sorted(todo, key=lambda i: -(len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"]))))
-    batches = [by_len[s:s + args.batch_size] for s in range(0, len(by_len), args.batch_size)]
+    lengths = [len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"])) for i in todo]
+    batches = [[todo[j] for j in b] for b in wlt.in_batches(lengths, args.batch_size)]
     pad = wlt.pad_id(tok)
 
     def label_batch(idx: list[int]) -> dict:

@@ -13,7 +13,6 @@ Output: a merged HF checkpoint in --out, the adapter in --out/adapter/ (PEFT lay
 train_config.json.
 """
 import argparse
-import math
 import os
 import time
 
@@ -31,7 +30,7 @@ def role_paths(args) -> dict:
     if not args.labels:
         raise wlt.WltError("--student needs --labels weak (data/weak.jsonl) or --labels human (data/unlabeled.jsonl)")
     data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[args.labels]
-    if args.labels == "weak" and not os.path.isfile(os.path.join(run, "data", "weak.summary.json")):
+    if args.labels == "weak" and not os.path.isfile(wlt.summary_path(os.path.join(run, "data", data))):
         raise wlt.WltError(f"{run}/data/weak.jsonl is not complete (no weak.summary.json); run label.py --teacher --run {run}")
     return {"model": os.path.join(run, "student", "sft"), "data": os.path.join(run, "data", data),
             "out": os.path.join(run, "student", f"dpo-{args.labels}")}
@@ -164,13 +163,9 @@ def main():
             tokens += sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e, x in zip(exs, w) if x)
         sums = wlt.all_reduce_sum(sums)  # every micro-batch of every rank
         loss_val = float(sums[0] / sums[-1])
-        if not torch.isfinite(torch.tensor(loss_val)):  # before the update: nothing corrupt reaches the weights
-            raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before the update, nothing saved "
-                               f"from this step (the last checkpoint, if any, is intact)")
+        wlt.stop_if_not_finite("loss", loss_val, step + 1)  # before the update: nothing corrupt reaches the weights
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
-        if not math.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients (e.g. bf16 overflow)
-            raise wlt.WltError(f"gradient norm is {grad_norm} at step {step + 1}; stopping before the update, nothing "
-                               f"saved from this step (the last checkpoint, if any, is intact)")
+        wlt.stop_if_not_finite("gradient norm", grad_norm, step + 1)  # a finite loss can have inf/NaN gradients
         lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()

@@ -9,7 +9,6 @@ Loss: summed NLL of the chosen-response tokens over the global batch / number of
 number of processes and micro-batches gives the same step as one process on the whole batch.
 """
 import argparse
-import math
 import os
 import time
 
@@ -84,13 +83,9 @@ def main():
             seen_tokens += int((b["attention_mask"].sum(-1) * (wts > 0)).sum())  # real tokens, all positions
         totals = wlt.all_reduce_sum(torch.tensor([nll_sum, float(seen_tokens)]))
         loss_val = float(totals[0]) / n_tokens
-        if not torch.isfinite(torch.tensor(loss_val)):  # before the update: nothing corrupt reaches the weights
-            raise wlt.WltError(f"loss is {loss_val} at step {step + 1}; stopping before the update, nothing saved "
-                               f"from this step (the last checkpoint, if any, is intact)")
+        wlt.stop_if_not_finite("loss", loss_val, step + 1)  # before the update: nothing corrupt reaches the weights
         grad_norm = wlt.clip_grads(params, args.max_grad_norm)
-        if not math.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients (e.g. bf16 overflow)
-            raise wlt.WltError(f"gradient norm is {grad_norm} at step {step + 1}; stopping before the update, nothing "
-                               f"saved from this step (the last checkpoint, if any, is intact)")
+        wlt.stop_if_not_finite("gradient norm", grad_norm, step + 1)  # a finite loss can have inf/NaN gradients
         lr_now = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()

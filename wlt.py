@@ -1094,8 +1094,7 @@ def begin(args) -> dict | None:
         if same_settings(marker, vars(args), inputs, ignore=("resume", "save_every")):
             log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--resume)")
             if rank() == 0:  # a kill inside finish() can leave the last checkpoint behind
-                for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
-                    remove_dir(os.path.join(args.out, d))
+                remove_checkpoints(args.out)
             return None
         log(f"{args.out}: settings or inputs changed since the finished run there; training again")
     if rank() == 0:
@@ -1103,8 +1102,7 @@ def begin(args) -> dict | None:
             os.remove(marker)
         shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)
         if not args.resume:  # a fresh start: an old mid-run checkpoint must not be picked up later
-            for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
-                remove_dir(os.path.join(args.out, d))
+            remove_checkpoints(args.out)
     barrier()
     return inputs
 
@@ -1114,8 +1112,7 @@ def finish(args, stats: dict, inputs: dict) -> None:
     marks a complete output. The mid-run checkpoint is no longer needed then and is removed."""
     if rank() == 0:
         write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
-        for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
-            remove_dir(os.path.join(args.out, d))
+        remove_checkpoints(args.out)
     barrier()
 
 
@@ -1140,6 +1137,19 @@ def remove_dir(path: str) -> None:
         trash = f"{path}.trash.{os.getpid()}"
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_checkpoints(out_dir: str) -> None:
+    """Remove every mid-run checkpoint folder of a training output (newest, previous, half-written)."""
+    for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
+        remove_dir(os.path.join(out_dir, d))
+
+
+def stop_if_not_finite(what: str, value: float, step: int) -> None:
+    """A NaN or infinite loss or gradient norm ends training before the optimizer update of `step`."""
+    if not math.isfinite(value):
+        raise WltError(f"{what} is {value} at step {step}; stopping before the update, nothing saved from this "
+                       f"step (the last checkpoint, if any, is intact)")
 
 
 def checkpoint_settings(args) -> dict:
@@ -1203,8 +1213,7 @@ def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[st
         break
     barrier()  # every rank has read it before it may be removed
     if found is None and rank() == 0:
-        for d in (CKPT, CKPT + ".old"):
-            remove_dir(os.path.join(out_dir, d))
+        remove_checkpoints(out_dir)
     return found, step
 
 
@@ -1291,6 +1300,19 @@ class Partial:
         barrier()
         if rank() == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def summary_path(out: str) -> str:
+    """label.py's summary beside its output (OUT.jsonl -> OUT.summary.json), written last: its completion marker."""
+    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+
+
+def in_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Positions 0..len(lengths)-1 in batches of similar length, longest first (less padding). Fixed by the
+    data alone, so the work, and every number in it, is the same for any number of processes and across a
+    resumed run."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + size] for s in range(0, len(order), size)]
 
 
 _BATCHES_DONE = 0  # batches finished by this process, over every run_batches call (for fault_point)
@@ -1445,15 +1467,28 @@ SYNTHETIC_DEFAULTS = {  # calibrated on 2 CPU cores (README, "The synthetic worl
 }
 
 
-def run_defaults(run_dir: str, script: str, role: str) -> dict:
-    """Defaults for a trainer in --run mode, from runs/NAME/config.json (explicit flags override them)."""
+def read_run_config(run_dir: str) -> dict:
+    """runs/NAME/config.json, as `wlt.py prepare` wrote it (a clear error when it is missing or broken)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise WltError(f"{path}: no such file; run `python wlt.py prepare --out {run_dir} ...` first")
     try:
-        return dict(json.load(open(path))["train"][script].get(role, {}))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        cfg = json.load(open(path))
+    except json.JSONDecodeError as e:
         raise WltError(f"{path}: not a run config made by `wlt.py prepare` ({one_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise WltError(f"{path}: not a run config made by `wlt.py prepare`")
+    return cfg
+
+
+def run_defaults(run_dir: str, script: str, role: str) -> dict:
+    """Defaults for a trainer in --run mode, from runs/NAME/config.json (explicit flags override them)."""
+    cfg = read_run_config(run_dir)
+    try:
+        return dict(cfg["train"][script].get(role, {}))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise WltError(f"{os.path.join(run_dir, 'config.json')}: not a run config made by `wlt.py prepare` "
+                       f"({one_line(e)})") from None
 
 
 def _permute_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
