@@ -47,7 +47,11 @@ def parse_args() -> argparse.Namespace:
     o.add_argument("--beta", type=float, default=None,
                    help="beta of Eq. 5 (default: the run's beta with --run, else 0.1). It scales the rewards, "
                         "never the labels")
-    o.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x sequences)")
+    o.add_argument("--batch-size", type=int, default=16,
+                   help="pairs per batch (one prompt forward of B rows, one response forward of 2B rows, per model)")
+    o.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
+                   help="run each prompt once and share its KV cache between the two responses (auto: for the "
+                        "families in wlt.SHARE_PROMPT); the same rewards as off, fewer tokens through the model")
     o.add_argument("--max-len", type=int, default=None,
                    help="tokens per sequence; longer prompts lose tokens from the left (default 512; --run: the run's)")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -141,17 +145,20 @@ def main():
     batches = [[todo[j] for j in b] for b in wlt.in_batches(lengths, args.batch_size)]
     pad = wlt.pad_id(tok)
 
+    share = {"auto": None, "on": True, "off": False}[args.share_prompt]
+
     def label_batch(idx: list[int]) -> dict:
-        """{pair index: [log pi_w(chosen), log pi_w(rejected), log pi_ref(chosen), log pi_ref(rejected)]}"""
-        b = {k: v.to(dev) for k, v in wlt.collate_pairs([exs[i] for i in idx], pad).items()}
-        lw = wlt.response_logps(pol, **b).float().cpu()   # [2B]: chosen rows then rejected rows
+        """{pair index: [log pi_w(chosen), log pi_w(rejected), log pi_ref(chosen), log pi_ref(rejected)]}.
+        Each prompt runs once per model and its KV cache serves both responses (wlt.pair_logps)."""
+        batch = [exs[i] for i in idx]
+        lw = wlt.pair_logps(pol, batch, pad, share)  # [B, 2]
         if ref is None:
             with wlt.lora_disabled(pol):
-                lr = wlt.response_logps(pol, **b).float().cpu()
+                lr = wlt.pair_logps(pol, batch, pad, share)
         else:
-            lr = wlt.response_logps(ref, **b).float().cpu()
-        B = len(idx)
-        return {i: [lw[j].item(), lw[B + j].item(), lr[j].item(), lr[B + j].item()] for j, i in enumerate(idx)}
+            lr = wlt.pair_logps(ref, batch, pad, share)
+        t = torch.cat([lw, lr], dim=1).float().cpu()
+        return {i: t[j].tolist() for j, i in enumerate(idx)}
 
     # finished batches are kept in OUT.partial/ as they are made: a killed run resumes where it stopped
     if args.overwrite and wlt.rank() == 0:  # relabel from scratch, not from an earlier run's batches
@@ -159,7 +166,7 @@ def main():
     partial = wlt.Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="label", unit="pair", disable=wlt.rank() != 0, mininterval=1.0)
-    with torch.no_grad(), wlt.autocast(dev, args.dtype):
+    with torch.inference_mode(), wlt.autocast(dev, args.dtype):
         logps = wlt.run_batches(batches, label_batch, partial, "label", bar)  # rank 0: every pair; others: {}
     bar.close()
     seconds = time.time() - t0

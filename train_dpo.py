@@ -6,11 +6,13 @@ the student on weakly labeled (Eq. 6) or human-labeled D_u.
     python train_dpo.py --model out/sft --data pairs.jsonl --out out/dpo [--ref PATH | --reference-free]
 
 LoRA rank 8 by default (paper); --lora-rank 0 is a full fine-tune. The reference log-probs are computed
-once before the loop, with the same model (adapter disabled) or --ref: the reference never runs inside
-the loop and needs no second model in memory. Dropout is off in every forward (model.eval()), so the
-rewards are deterministic. Loss = mean over the pairs of the global batch.
+once before the loop, with the same model (adapter disabled) or --ref, and kept in --out/ref_logps.safetensors:
+the reference never runs inside the loop and needs no second model in memory. Each prompt runs once per pair,
+its KV cache shared by chosen and rejected (--share-prompt), and only response positions are projected onto
+the vocabulary (wlt.response_logps). Dropout is off in every forward (model.eval()), so the rewards are
+deterministic. Loss = mean over the pairs of the global batch.
 Output: a merged HF checkpoint in --out, the adapter in --out/adapter/ (PEFT layout), metrics.jsonl,
-train_config.json.
+train_config.json, ref_logps.safetensors.
 """
 import argparse
 import os
@@ -53,6 +55,9 @@ def main():
     d.add_argument("--lora-targets", default=None, help="comma-separated module-name suffixes (default: per model family)")
     d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
     d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
+    d.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
+                   help="run each prompt once and share its KV cache between chosen and rejected (auto: for the "
+                        "families in wlt.SHARE_PROMPT); same numbers as off, fewer tokens through the model")
     args, run_cfg = wlt.resolve_train_args(ap, "train_dpo.py", role_paths)
     if args.lr is None:  # LoRA and full fine-tuning need very different rates
         kind = "lora" if args.lora_rank > 0 else "full"
@@ -77,37 +82,53 @@ def main():
         for m in wlt.lora_modules(model):
             m.dropout.train(on)
 
+    share = wlt.can_share_prompt(model) if args.share_prompt == "auto" else args.share_prompt == "on"
+
     def pair_logps(m, exs) -> torch.Tensor:
-        """[len(exs), 2]: summed response log-probs of (chosen, rejected), in one forward of 2B sequences."""
-        b = {k: v.to(dev) for k, v in wlt.collate_pairs(exs, pad).items()}
+        """[len(exs), 2]: summed response log-probs of (chosen, rejected); the prompt runs once per pair when
+        `share` (its KV cache serves both responses), else 2B full sequences in one forward."""
         with wlt.autocast(dev, args.dtype):
-            lp = wlt.response_logps(m, **b)
-        return torch.stack(lp.chunk(2), dim=-1)
+            return wlt.pair_logps(m, exs, pad, share_prompt=share and wlt.can_share_prompt(m))
 
     # ---- the reference, once, before the loop: a second model (--ref), the adapter switched off, or zeros.
-    ref_model = None
-    if not args.reference_free and args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
-        ref_model = wlt.load_model(args.ref, args.trust_remote_code).to(dev).eval()
-        if W > 1:
-            wlt.shard_model(ref_model, dev)
-
-    def ref_logps(exs) -> torch.Tensor:
-        """[len(exs), 2] log pi_ref of (chosen, rejected), on CPU."""
-        if args.reference_free:
-            return torch.zeros(len(exs), 2)
-        with torch.no_grad(), wlt.lora_disabled(model):
-            return pair_logps(ref_model or model, exs).float().cpu()
-
+    # Computed over exactly the micro-batches each rank will train on (same padding, same shapes), so while
+    # pi == pi_ref (step 1) every reward is exactly 0 and the loss exactly log 2, not float noise. Kept in
+    # --out/ref_logps.safetensors: a rerun with other optimisation settings (lr, beta, loss) reuses it.
     plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     settings = wlt.checkpoint_settings(args)
     ckpt, start = wlt.checkpoint_to_resume(args.out, settings, inputs) if args.resume else (None, 0)
-    # Computed over exactly the micro-batches this rank will train on (same padding, same shapes), so
-    # while pi == pi_ref (step 1) every reward is exactly 0 and the loss exactly log 2, not float noise.
-    # Before a checkpoint is loaded: a full fine-tune's reference is the starting model, not the resumed one.
-    ref_train = {step: [ref_logps([train[i] for i in idx]) for idx, _ in wlt.micro_batches(plan[step], micro)]
-                 for step in tqdm(range(start, len(plan)), desc="reference log-probs", disable=wlt.rank() != 0)}
-    ref_eval = wlt.sharded_map(len(evals), micro, lambda idx: ref_logps([evals[i] for i in idx])) if evals else None
-    del ref_model
+    ref_key = {"inputs": inputs, "micro": micro, "processes": W, "share_prompt": share,
+               **{k: getattr(args, k) for k in ("max_len", "seed", "batch_size", "epochs", "max_steps", "eval_pairs",
+                                                 "dtype", "reference_free", "strict")}}
+    per_epoch = -(-len(train) // args.batch_size)  # steps per epoch: plan[step] is a batch of epoch step // per_epoch
+    ref_train, ref_eval = wlt.load_ref_logps(args.out, ref_key)
+    if ref_train is None:
+        ref_model = None
+        if not args.reference_free and args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
+            ref_model = wlt.load_model(args.ref, args.trust_remote_code).to(dev).eval()
+            if W > 1:
+                wlt.shard_model(ref_model, dev)
+
+        def ref_logps(exs) -> torch.Tensor:
+            """[len(exs), 2] log pi_ref of (chosen, rejected), on CPU."""
+            if args.reference_free:
+                return torch.zeros(len(exs), 2)
+            with torch.no_grad(), wlt.lora_disabled(model):
+                return pair_logps(ref_model or model, exs).float().cpu()
+
+        # Before a checkpoint is loaded: a full fine-tune's reference is the starting model, not the resumed one.
+        ref_train = torch.zeros(-(-len(plan) // per_epoch), len(train), 2, dtype=torch.float64)
+        for step in tqdm(range(len(plan)), desc="reference log-probs", disable=wlt.rank() != 0):
+            for idx, w in wlt.micro_batches(plan[step], micro):
+                lp = ref_logps([train[i] for i in idx])
+                for k, (i, x) in enumerate(zip(idx, w)):
+                    if x:  # weight-0 padding copies are computed elsewhere
+                        ref_train[step // per_epoch, i] = lp[k]
+        ref_train = wlt.all_reduce_sum(ref_train).float()  # each entry comes from exactly one rank
+        ref_eval = wlt.sharded_map(len(evals), micro, lambda idx: ref_logps([evals[i] for i in idx])) \
+            if evals else torch.zeros(0, 2)
+        wlt.save_ref_logps(args.out, ref_key, ref_train, ref_eval)
+        del ref_model
     params, opt, sched = wlt.build_optimizer(model, args, len(plan))
     if ckpt:  # weights, optimizer, scheduler, RNG; the data position is the step (the plan is fixed by the seed)
         wlt.load_checkpoint(ckpt, model, opt, sched)
@@ -153,7 +174,7 @@ def main():
                 model.set_requires_gradient_sync(j == len(mbs) - 1)
             exs = [train[i] for i in idx]
             pol = pair_logps(model, exs)
-            ref = ref_train[step][j].to(dev)
+            ref = ref_train[step // per_epoch, idx].to(dev)
             wts = torch.tensor(w, device=dev)
             out = loss_fn(pol, ref)
             # mean over the global batch's pairs; FSDP2 averages gradients over the W ranks (its default

@@ -406,6 +406,141 @@ def collate_pairs(exs: list[dict], pad: int) -> dict[str, torch.Tensor]:
 # 4. the math
 
 
+# The log-prob kernel. The textbook version projects every position onto the vocabulary, [B, T, V] fp32 logits,
+# then a log_softmax of the same size (and, in training, gradients of both): with V ~ 50k that is most of the
+# memory, and the prompt positions (~70% of HH-RLHF tokens) pay for a projection nobody uses. Here the
+# model's body runs as usual and only the hidden states that predict a response token go to the head, in
+# chunks, inside an autograd function that recomputes each chunk's logits in backward: no [B, T, V] or
+# [N, V] tensor exists at any time, only [chunk, V].
+
+LOGPS_CHUNK = 2 ** 23  # elements of the largest logits block, [chunk rows, V] (32 MB in fp32)
+
+# Families whose causal-LM forward is  logits = post(lm_head(base_model(...).last_hidden_state)), with post
+# one of: None, ("softcap", config key) -> c * tanh(z / c), ("mul", key) -> z * s, ("div", key) -> z / s.
+# Checked against the transformers source; any other model_type takes the plain path (one warning).
+HEAD_POST = {t: None for t in ("opt", "gpt2", "gpt_neox", "gpt_neo", "gptj", "llama", "mistral", "mixtral",
+                                 "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3", "starcoder2")}
+HEAD_POST.update({"gemma2": ("softcap", "final_logit_softcapping"),
+                  "gemma3_text": ("softcap", "final_logit_softcapping"),
+                  "cohere": ("mul", "logit_scale"), "granite": ("div", "logits_scaling")})
+# Families where the prompt may be run once and its KV cache shared by both responses (position ids passed
+# explicitly, tested against the unshared computation). Sliding-window / hybrid caches (Gemma-2/3) are not.
+SHARE_PROMPT = {"opt", "gpt2", "gpt_neox", "gpt_neo", "llama", "mistral", "qwen2", "qwen3", "gemma"}
+
+_warned: set = set()
+
+
+def head_of(model) -> dict | None:
+    """What the kernel needs from a model's output head: {"weight": [V, H], "bias": [V] or None, "scale",
+    "softcap"}; None for a family outside HEAD_POST (plain path)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if kind not in HEAD_POST or not isinstance(head, nn.Linear):
+        if kind not in _warned:
+            _warned.add(kind)
+            log(f"warning: model type {kind!r} is not known to the memory-lean log-prob kernel; using the plain "
+                f"path (full [B, T, V] logits)")
+        return None
+    post, scale, softcap = HEAD_POST[kind], 1.0, None
+    if post is not None:
+        value = getattr(cfg, post[1], None)
+        if post[0] == "softcap":
+            softcap = value
+        elif value is not None:
+            scale = float(value) if post[0] == "mul" else 1.0 / float(value)
+    return {"weight": head.weight, "bias": head.bias, "scale": scale, "softcap": softcap}
+
+
+def _chunk_logits(h: torch.Tensor, weight, bias, scale: float, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, H] -> (z, u): fp32 logits z = post(u) and u = scale * (h W^T + b), both [n, V]."""
+    u = F.linear(h, weight, bias).float()
+    if scale != 1.0:
+        u = u * scale
+    z = softcap * torch.tanh(u / softcap) if softcap else u
+    return z, u
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(post(scale * (h W^T + b)))[target] per row, chunk by chunk (see token_logps)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, weight, bias, targets, scale, softcap, rows):
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], rows):
+            z, _ = _chunk_logits(h[s:s + rows], weight, bias, scale, softcap)
+            out[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.scale, ctx.softcap, ctx.rows = scale, softcap, rows
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        h, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
+        for s in range(0, h.shape[0], ctx.rows):
+            hs, g = h[s:s + ctx.rows], grad_out[s:s + ctx.rows].float()
+            z, _ = _chunk_logits(hs, weight, bias, ctx.scale, ctx.softcap)
+            # d out / d z = onehot(target) - softmax(z), times the incoming gradient
+            dz = torch.softmax(z, dim=-1).mul_(-g[:, None])
+            dz.scatter_add_(1, targets[s:s + ctx.rows, None], g[:, None])
+            if ctx.softcap:  # z = c tanh(u / c)  ->  dz/du = 1 - (z / c)^2
+                dz.mul_(1 - (z / ctx.softcap) ** 2)
+            if ctx.scale != 1.0:
+                dz.mul_(ctx.scale)
+            if need_h:
+                gh[s:s + ctx.rows] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                gw += dz.t().to(hs.dtype) @ hs
+            if need_b:
+                gb += dz.sum(0)
+        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None,
+                None, None, None, None)
+
+
+def token_logps(hidden: torch.Tensor, head: dict, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """log p(target | hidden) for N selected positions: hidden [N, H] (each the state that predicts its
+    target), targets [N] token ids -> [N] fp32, with p = softmax(post(scale * (hidden W^T + b))) the model's
+    own output distribution (head_of). Exact, not an approximation: the same numbers as a full log_softmax,
+    computed [chunk / V rows, V] at a time, forward and backward."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
+    rows = max(1, (chunk or LOGPS_CHUNK) // head["weight"].shape[0])
+    return _TokenLogps.apply(hidden, head["weight"], head["bias"], targets, head["scale"], head["softcap"], rows)
+
+
+def _plain_response_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """The textbook kernel (full [B, T, V] logits): the fallback for families outside HEAD_POST."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * (targets != IGNORE)).sum(-1)
+
+
+def _lean_response_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    head = head_of(model)
+    if head is None:
+        return _plain_response_logps(model, input_ids, attention_mask, labels)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]                     # position t predicts token t + 1
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    lp = token_logps(hidden[rows, cols], head, targets[rows, cols])
+    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
+
+
+def _run_inside_fsdp(model, fn, *args):
+    """Run fn(model, *args) as a forward of the model. Under FSDP2 the root unit's parameters (embeddings,
+    final norm, output head) are gathered only around a registered forward method, and the kernel reaches
+    the head after the body has run; shard_model registers `wlt_forward` for this (a no-op elsewhere)."""
+    fwd = getattr(model, "wlt_forward", None)
+    return fwd(fn, *args) if fwd is not None else fn(model, *args)
+
+
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(token | everything before it) over the response tokens of each sequence.
@@ -413,15 +548,69 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     input_ids, attention_mask, labels: [B, T] (labels = IGNORE on prompt and padding). Returns [B] fp32.
     This is log pi(y|x) in DPO Eq. 7 and in the weak-label reward of Eq. 5 (Tao & Li): no length
     normalisation, EOS included. Log-softmax runs in fp32 whatever the model's dtype (fp16/bf16 log-probs
-    lose precision over hundreds of tokens).
+    lose precision over hundreds of tokens). Only response positions are projected onto the vocabulary,
+    in chunks (token_logps); families outside HEAD_POST take the plain full-logits path.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
-    logits = logits[:, :-1].float()              # position t predicts token t+1
-    targets = labels[:, 1:]                      # [B, T-1]
-    mask = targets != IGNORE
-    logp = torch.log_softmax(logits, dim=-1)
-    tok_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (tok_logp * mask).sum(-1)
+    return _run_inside_fsdp(model, _lean_response_logps, input_ids, attention_mask, labels)
+
+
+def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
+                       pad: int) -> torch.Tensor:
+    head = head_of(model)
+    dev = head["weight"].device
+    B, P = len(prompts), max(map(len, prompts))
+    # 1. the prompts, left-padded so that every prompt ends at column P - 1, once per pair
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    pmask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        pmask[i, P - len(p):] = 1
+    ids, pmask = ids.to(dev), pmask.to(dev)
+    pos = (pmask.cumsum(-1) - 1).clamp(min=0)  # explicit positions: left padding must not shift them
+    out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)           # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
+    # 2. both responses of every pair on top of its cached prompt, right-padded
+    resp = [r for pair in zip(chosen, rejected) for r in pair]
+    R = max(map(len, resp))
+    rids = torch.full((2 * B, R), pad, dtype=torch.long)
+    rmask = torch.zeros((2 * B, R), dtype=torch.long)
+    for i, r in enumerate(resp):
+        rids[i, :len(r)] = torch.tensor(r)
+        rmask[i, :len(r)] = 1
+    rids, rmask = rids.to(dev), rmask.to(dev)
+    rpos = pmask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(R, device=dev)
+    hid = model.base_model(input_ids=rids, attention_mask=torch.cat([pmask.repeat_interleave(2, 0), rmask], 1),
+                           position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
+    # 3. response token j is predicted by the last prompt state (j = 0) or by response state j - 1
+    pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(2, 0), hid[:, :-1]], dim=1)  # [2B, R, H]
+    rows, cols = rmask.bool().nonzero(as_tuple=True)
+    lp = token_logps(pred[rows, cols], head, rids[rows, cols])
+    return torch.zeros(2 * B, dtype=torch.float32, device=dev).index_add(0, rows, lp).view(B, 2)
+
+
+def _pair_logps(model, exs: list[dict], pad: int, share: bool) -> torch.Tensor:
+    if share:
+        return _shared_pair_logps(model, [e["prompt_ids"] for e in exs], [e["chosen_ids"] for e in exs],
+                                  [e["rejected_ids"] for e in exs], pad)
+    dev = next(model.parameters()).device
+    b = {k: v.to(dev) for k, v in collate_pairs(exs, pad).items()}
+    return torch.stack(_lean_response_logps(model, **b).chunk(2), dim=-1)
+
+
+def can_share_prompt(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in SHARE_PROMPT and head_of(model) is not None
+
+
+def pair_logps(model, exs: list[dict], pad: int, share_prompt: bool | None = None) -> torch.Tensor:
+    """[B, 2] log pi(chosen | x), log pi(rejected | x) for tokenized pairs (prompt_ids, chosen_ids,
+    rejected_ids; ids as tokenize_pairs makes them). With share_prompt (default: when the family allows it,
+    SHARE_PROMPT) the prompt runs once and its KV cache serves both responses: per pair P + Rc + Rr tokens
+    through the body instead of 2P + Rc + Rr. The same numbers as response_logps on collate_pairs (up to
+    float rounding), with or without gradients."""
+    if share_prompt is None:
+        share_prompt = can_share_prompt(model)
+    return _run_inside_fsdp(model, _pair_logps, exs, pad, share_prompt)
 
 
 def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -736,8 +925,11 @@ def init_distributed() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the ranks; returned where it came from (nccl reduces CUDA tensors only)."""
     if world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        r = t.to(device())
+        torch.distributed.all_reduce(r, op=torch.distributed.ReduceOp.SUM)
+        t = r.to(t.device)
     return t
 
 
@@ -776,9 +968,13 @@ def shard_model(model: nn.Module, dev: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" \
         else MixedPrecisionPolicy()
+    from torch.distributed.fsdp import register_fsdp_forward_method
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # the log-prob kernel runs the body, then reaches into the output head: both inside one FSDP forward
+    model.wlt_forward = lambda fn, *args: fn(model, *args)
+    register_fsdp_forward_method(model, "wlt_forward")
     return model
 
 
@@ -1143,6 +1339,39 @@ def remove_checkpoints(out_dir: str) -> None:
     """Remove every mid-run checkpoint folder of a training output (newest, previous, half-written)."""
     for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
         remove_dir(os.path.join(out_dir, d))
+
+
+REF_LOGPS = "ref_logps.safetensors"
+
+
+def save_ref_logps(out_dir: str, key: dict, train: torch.Tensor, evals: torch.Tensor) -> None:
+    """train_dpo.py's reference log-probs, computed once before the loop: OUT/ref_logps.safetensors with
+    "train" [epochs, N_train, 2] (per epoch, per training pair: log pi_ref of chosen, rejected) and "eval"
+    [N_eval, 2], plus the settings and input fingerprints they belong to (metadata "key"). Rank 0 writes."""
+    if rank() == 0:
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(os.path.join(out_dir, REF_LOGPS), lambda tmp: save_file(
+            {"train": train.contiguous(), "eval": evals.contiguous()}, tmp, metadata={"key": json.dumps(key, sort_keys=True)}))
+    barrier()
+
+
+def load_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The cached reference log-probs when they were made with the same key, else (None, None)."""
+    from safetensors import safe_open
+    path = os.path.join(out_dir, REF_LOGPS)
+    try:
+        with safe_open(path, "pt") as f:
+            if f.metadata().get("key") != json.dumps(json.loads(json.dumps(key)), sort_keys=True):
+                log(f"{path}: made with other settings or inputs; computing the reference again")
+                return None, None
+            train, evals = f.get_tensor("train"), f.get_tensor("eval")
+    except (OSError, KeyError, ValueError, Exception) as e:  # missing or unreadable: compute it again
+        if os.path.exists(path):
+            log(f"{path}: unreadable ({one_line(e)}); computing the reference again")
+        return None, None
+    log(f"{path}: reference log-probs reused")
+    return train, evals
 
 
 def stop_if_not_finite(what: str, value: float, step: int) -> None:

@@ -117,3 +117,50 @@ def test_empty_prompt_without_bos_is_skipped_and_counted(tmp_path):
     args.strict = True
     with pytest.raises(wlt.WltError, match=f"{data}:1"):
         wlt.load_examples(args, tok, "dpo")
+
+
+def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """train_dpo.py writes the reference log-probs to --out/ref_logps.safetensors before the loop; a rerun with
+    other optimisation settings (lr, beta) reuses them; other data recomputes them. The cached numbers are
+    log pi_ref of each pair, checked against the model itself (one pair at a time, full softmax)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    model_dir = tiny_model_dir("llama")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    out = str(tmp_path / "dpo")
+    argv = ["--model", model_dir, "--data", data, "--out", out, "--batch-size", "4", "--eval-pairs", "2",
+            "--epochs", "2"]
+    run(monkeypatch, train_dpo, *argv)
+    assert "reused" not in capsys.readouterr().out
+    cache = load_file(os.path.join(out, "ref_logps.safetensors"))
+    # 12 pairs: 1 held out (at most a tenth), 11 trained on; [epochs, N_train, 2] and [N_eval, 2]
+    assert cache["train"].shape == (2, 11, 2) and cache["eval"].shape == (1, 2)
+
+    # the numbers: for each training pair, in both epochs, log pi_ref(chosen), log pi_ref(rejected)
+    tok = make_bpe_tokenizer()
+    train, evals, _ = wlt.load_examples(train_dpo_args(data), tok, "dpo")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i, e in enumerate(train):
+        for k, key in enumerate(("chosen_ids", "rejected_ids")):
+            ids = torch.tensor([e["prompt_ids"] + e[key]])
+            with torch.no_grad():
+                lp = torch.log_softmax(ref(ids).logits[0, :-1].double(), -1)
+            want = float(lp[torch.arange(len(e["prompt_ids"]) - 1, ids.shape[1] - 1), ids[0, len(e["prompt_ids"]):]].sum())
+            for ep in range(2):
+                assert cache["train"][ep, i, k].item() == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+    run(monkeypatch, train_dpo, *argv, "--lr", "1e-3", "--beta", "0.5")  # optimisation changed: reused
+    assert "reference log-probs reused" in capsys.readouterr().out
+    write_pairs(tmp_path / "pairs.jsonl", PAIRS[:10])  # the data changed: computed again
+    run(monkeypatch, train_dpo, *argv)
+    assert "computing the reference again" in capsys.readouterr().out
+    assert load_file(os.path.join(out, "ref_logps.safetensors"))["train"].shape == (2, 9, 2)
+
+
+def train_dpo_args(data):
+    class Args:
+        pass
+    a = Args()
+    a.data, a.strict, a.max_len, a.seed, a.eval_pairs = data, False, 512, 0, 2
+    return a

@@ -1,0 +1,201 @@
+"""The memory-lean log-prob kernel (wlt.response_logps, wlt.token_logps) and prompt sharing (wlt.pair_logps).
+
+Every family DESIGN.md names is built tiny from its config, with random non-zero biases, and compared with a
+naive reference: the whole padded batch through the model in float64, a full log_softmax over the vocabulary,
+gather. Values, and gradients of every parameter, must agree; so must the shared-prompt path (the prompt run
+once, its KV cache serving both responses) with the plain one. The memory claim is checked directly: no
+tensor of more than a chunk of rows x V is ever created, forward or backward.
+"""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import wlt
+
+IGNORE = wlt.IGNORE
+
+# model_type -> config overrides on top of COMMON (tiny: 2 layers, hidden 32)
+KERNEL_FAMILIES = {
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=16, dropout=0.0),  # project_in / project_out around the body
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "gpt_neox": {},
+    "gpt_neo": dict(num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8),
+    "llama": dict(num_key_value_heads=2),
+    "mistral": dict(num_key_value_heads=2),
+    "qwen2": dict(num_key_value_heads=2),
+    "gemma": dict(num_key_value_heads=2, head_dim=8),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0),  # soft-capped logits
+    "cohere": dict(num_key_value_heads=2, logit_scale=0.5),  # scaled logits
+    "granite": dict(num_key_value_heads=2, logits_scaling=4.0),  # logits divided by a constant
+}
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+PAIRS = [
+    {"prompt": "Human: How do I bake bread at home? Assistant:",
+     "chosen": " Mix flour, water, salt and yeast, then let it rise.", "rejected": " No."},
+    {"prompt": "sort: 7 3 9 1 =>", "chosen": " 1 3 7 9", "rejected": " 9 7 3 1 and some more words at the end"},
+    {"prompt": "TL;DR:", "chosen": " keep it brief", "rejected": " say what matters first."},
+]
+
+
+def build(family: str, vocab: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=vocab, **COMMON,
+                                                                  **KERNEL_FAMILIES.get(family, {})))
+    with torch.no_grad():  # zero-initialised biases and norms would hide a missing bias or scale in the head
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(bpe_tokenizer):
+    exs, _ = wlt.tokenize_pairs(bpe_tokenizer, PAIRS)
+    assert len({len(e["prompt_ids"]) for e in exs}) == 3  # prompts of different lengths: left padding differs
+    return exs
+
+
+def naive(model, batch, dtype=torch.float64):
+    """[B] summed response log-probs: whole padded batch, full log_softmax over V, gather (float64 model)."""
+    m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)  # fp32: gradients reach model
+    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    t = batch["labels"][:, 1:]
+    lp = torch.log_softmax(logits.to(dtype), -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    return (lp * (t != IGNORE)).sum(-1)
+
+
+def close(got, ref):
+    """DESIGN: sums of log-probs agree to 1e-5 relative, plus a small absolute floor."""
+    got, ref = got.double(), ref.double()
+    assert ((got - ref).abs() <= 1e-5 * ref.abs() + 1e-4).all(), f"\n got {got.tolist()}\n ref {ref.tolist()}"
+
+
+def grads(model, fn) -> dict:
+    model.zero_grad(set_to_none=True)
+    fn().sum().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def same_grads(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    scale = max(v.abs().max().item() for v in b.values())
+    for n in b:
+        assert torch.allclose(a[n], b[n], rtol=1e-4, atol=1e-5 * scale), n
+
+
+@pytest.mark.parametrize("family", list(KERNEL_FAMILIES))
+def test_lean_kernel_equals_full_softmax(family, bpe_tokenizer, pairs):
+    model = build(family, len(bpe_tokenizer))
+    assert wlt.head_of(model) is not None, "a DESIGN family fell back to the plain path"
+    batch = wlt.collate_pairs(pairs, wlt.pad_id(bpe_tokenizer))
+    with torch.no_grad():
+        ref = naive(model, batch)
+        got = wlt.response_logps(model, **batch)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    close(got, ref)
+    # gradients of every parameter (the head's weight and bias included) against the fp32 full-softmax path
+    same_grads(grads(model, lambda: wlt.response_logps(model, **batch)),
+               grads(model, lambda: naive(model, batch, torch.float32)))
+
+
+@pytest.mark.parametrize("family", sorted(wlt.SHARE_PROMPT & set(KERNEL_FAMILIES)))
+def test_shared_prompt_equals_unshared(family, bpe_tokenizer, pairs):
+    """The prompt once, left-padded, its KV cache expanded over both responses == two full sequences."""
+    model = build(family, len(bpe_tokenizer))
+    pad = wlt.pad_id(bpe_tokenizer)
+    batch = wlt.collate_pairs(pairs, pad)
+    with torch.no_grad():
+        ref = naive(model, batch)
+        shared = wlt.pair_logps(model, pairs, pad, share_prompt=True)
+        plain = wlt.pair_logps(model, pairs, pad, share_prompt=False)
+    assert shared.shape == (len(pairs), 2)
+    close(shared.t().reshape(-1), ref)  # collate_pairs: chosen rows, then rejected rows
+    close(plain.t().reshape(-1), ref)
+    # one pair alone (no padding at all) == the same pair inside the padded batch
+    with torch.no_grad():
+        alone = wlt.pair_logps(model, pairs[1:2], pad, share_prompt=True)
+    close(alone[0], shared[1])
+    # gradients flow through the shared cache into the prompt's layers, as in the unshared forward
+    same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=True)),
+               grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False)))
+
+
+def test_default_sharing_follows_the_family(bpe_tokenizer):
+    assert wlt.can_share_prompt(build("llama", len(bpe_tokenizer)))
+    assert not wlt.can_share_prompt(build("gemma2", len(bpe_tokenizer)))  # sliding-window cache: not shared
+
+
+class MaxVocabTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns whose last dimension is V
+    (views of the model's own parameters, such as the head's W^T, are not activations and are left out)."""
+
+    def __init__(self, vocab: int, model):
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab \
+                    and t.untyped_storage().data_ptr() not in self.params:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_no_full_logits_forward_or_backward(family, bpe_tokenizer, pairs, monkeypatch):
+    """With the chunk set to 4 rows, no op creates a [*, V] tensor of more than 4 rows, while the batch has
+    dozens of response tokens (the plain path makes [2B, T, V])."""
+    V = len(bpe_tokenizer)
+    model = build(family, V)
+    model.get_input_embeddings().weight.requires_grad_(False)  # [V, H] parameters are not activations:
+    model.get_output_embeddings().weight.requires_grad_(False)  # keep their gradients out of the count
+    monkeypatch.setattr(wlt, "LOGPS_CHUNK", 4 * V)
+    batch = wlt.collate_pairs(pairs, wlt.pad_id(bpe_tokenizer))
+    n_resp = int((batch["labels"] != IGNORE).sum())
+    assert n_resp > 30
+    with MaxVocabTensor(V, model) as seen:
+        out = wlt.pair_logps(model, pairs, wlt.pad_id(bpe_tokenizer))
+        out.sum().backward()
+    assert 0 < seen.largest <= 4 * V, seen.largest
+    with MaxVocabTensor(V, model) as plain:
+        wlt._plain_response_logps(model, **batch).sum().backward()
+    assert plain.largest >= batch["input_ids"].numel() // 2 * V  # the plain path does make them
+
+
+def test_unknown_family_falls_back_with_one_warning(bpe_tokenizer, capsys):
+    """A family outside wlt.HEAD_POST (BLOOM here) takes the plain full-logits path: same numbers, one warning."""
+    from transformers import BloomConfig, BloomForCausalLM
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, n_layer=2, n_head=4)).eval()
+    exs, _ = wlt.tokenize_pairs(bpe_tokenizer, PAIRS)
+    batch = wlt.collate_pairs(exs, wlt.pad_id(bpe_tokenizer))
+    wlt._warned.discard("bloom")
+    with torch.no_grad():
+        a = wlt.response_logps(model, **batch)
+        b = wlt.pair_logps(model, exs, wlt.pad_id(bpe_tokenizer))
+        close(a, naive(model, batch))
+    close(b.t().reshape(-1), a)
+    assert capsys.readouterr().out.count("not known to the memory-lean log-prob kernel") == 1
+
+
+def test_token_logps_softcap_and_scale_by_hand():
+    """Two rows, three-word vocabulary, hand-computed: z = c * tanh(s * (h W^T + b) / c); log softmax(z)[y]."""
+    h = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
+    W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([0.0, 0.5, -0.5])
+    y = torch.tensor([0, 2])
+    head = {"weight": W, "bias": b, "scale": 0.5, "softcap": 2.0}
+    # row 0: u = 0.5 * [2, 0.5, 0.5] = [1, 0.25, 0.25];  row 1: u = 0.5 * [1, -0.5, -1] = [0.5, -0.25, -0.5]
+    import math
+    want = []
+    for u, t in (([1.0, 0.25, 0.25], 0), ([0.5, -0.25, -0.5], 2)):
+        z = [2.0 * math.tanh(x / 2.0) for x in u]
+        want.append(z[t] - math.log(sum(math.exp(v) for v in z)))
+    got = wlt.token_logps(h, head, y, chunk=3)  # one row per chunk
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
