@@ -64,6 +64,9 @@ def main():
         args.lr = run_cfg.get(f"lr_{kind}", wlt.DPO_LR[kind])
     if args.label_smoothing and args.loss_type != "sigmoid":
         ap.error("--label-smoothing applies to --loss-type sigmoid only")
+    if args.share_prompt == "on" and args.activation_checkpointing:
+        ap.error("--share-prompt on cannot be combined with --activation-checkpointing (a recomputed block would "
+                 "write the prompt's KV cache twice)")
     inputs = wlt.begin(args)
     if inputs is None:  # --resume: finished already
         return
@@ -82,7 +85,10 @@ def main():
         for m in wlt.lora_modules(model):
             m.dropout.train(on)
 
-    share = wlt.can_share_prompt(model) if args.share_prompt == "auto" else args.share_prompt == "on"
+    # the shared prompt's KV cache is written inside each block's forward: a checkpointed block would write it
+    # again when recomputed, so activation checkpointing runs every sequence whole
+    share = args.share_prompt == "on" or (args.share_prompt == "auto" and wlt.can_share_prompt(model)
+                                          and not args.activation_checkpointing)
 
     def pair_logps(m, exs) -> torch.Tensor:
         """[len(exs), 2]: summed response log-probs of (chosen, rejected); the prompt runs once per pair when
@@ -105,9 +111,7 @@ def main():
     if ref_train is None:
         ref_model = None
         if not args.reference_free and args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
-            ref_model = wlt.load_model(args.ref, args.trust_remote_code).to(dev).eval()
-            if W > 1:
-                wlt.shard_model(ref_model, dev)
+            ref_model = wlt.build_model(args.ref, dev, args.seed, args.trust_remote_code)[0].eval()
 
         def ref_logps(exs) -> torch.Tensor:
             """[len(exs), 2] log pi_ref of (chosen, rejected), on CPU."""
@@ -202,6 +206,7 @@ def main():
     log.close()
 
     # ---- save: merged HF checkpoint + adapter/ (PEFT layout), gathered to rank 0
+    stats["memory"] = wlt.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
     sd = wlt.full_state_dict(model)
     if wlt.rank() == 0:
         if args.lora_rank > 0:

@@ -103,6 +103,7 @@ def main():
     log.close()
 
     # ---- save: full state dict gathered to rank 0 (a collective under FSDP2)
+    stats["memory"] = wlt.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
     sd = wlt.full_state_dict(model)
     if wlt.rank() == 0:
         wlt.save_hf_checkpoint(args.out, sd, model, tok, keep)
