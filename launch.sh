@@ -11,6 +11,8 @@
 #                                   gold reward Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
 #   bash launch.sh tldr             the same on TL;DR (CarperAI/openai_summarize_comparisons), beta 0.5,
 #                                   gold reward OpenAssistant/reward-model-deberta-v3-large-v2
+#   bash launch.sh PRESET EXPERIMENT [flags]   then one of the paper's ablations (experiments.py: fractions,
+#                                   teachers, subsets, beta, seeds, sft-ref, all)
 #
 # Settings (environment variables; README "launch.sh settings"):
 #   RUN      run directory (default runs/PRESET)          NPROC   processes per stage (>1: torchrun)
@@ -87,3 +89,6 @@ run train_dpo.py --student --labels human --run "$RUN" --resume "${DPO_X[@]}"
 stage "8/8 evaluate -> $RUN/eval/results.md"
 run evaluate.py --run "$RUN" "${GOLD[@]}" "${EVAL_X[@]}"
 echo "== done in $(( SECONDS - START )) s: $RUN/eval/results.md"
+if [ -n "${2:-}" ]; then  # an experiment on top of this pipeline: bash launch.sh PRESET EXPERIMENT [flags]
+  exec "$PY" experiments.py "$2" --preset "$PRESET" --base "$RUN" "${@:3}"
+fi
