@@ -66,6 +66,8 @@ def stage(script: str, *argv: str) -> None:
 def pipeline(preset: str, run: str, **env) -> str:
     """A whole pipeline in `run` (launch.sh; finished stages are skipped). Returns run."""
     e = dict(os.environ, RUN=os.path.abspath(run), **{k: str(v) for k, v in env.items()})
+    if os.path.normpath(run) == os.path.join("runs", preset) and os.path.abspath(os.getcwd()) == ROOT_DIR:
+        del e["RUN"]  # launch.sh's own default run, named as launch.sh names it (so its stages are reused)
     e.setdefault("PYTHON", sys.executable)  # the stages run with this interpreter (and its packages)
     wlt.log(f"experiments: pipeline {run} ({', '.join(f'{k}={v}' for k, v in env.items()) or 'defaults'})")
     p = subprocess.run(["bash", os.path.join(ROOT_DIR, "launch.sh"), preset], env=e)
@@ -409,6 +411,7 @@ def main():
     ap.add_argument("--judge-model", default=None, help="the model name to ask at --judge's URL")
     args = ap.parse_args()
     args.base = args.base or os.environ.get("RUN") or os.path.join("runs", args.preset)
+    os.environ.pop("RUN", None)  # every pipeline gets its own RUN below
     args.root = args.root or f"runs/{args.preset}-experiments"
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     pipeline(args.preset, args.base)  # the base run (reused when complete)

@@ -611,6 +611,10 @@ def pair_logps(model, exs: list[dict], pad: int, share_prompt: bool | None = Non
     float rounding), with or without gradients."""
     if share_prompt is None:
         share_prompt = can_share_prompt(model)
+    elif share_prompt and not can_share_prompt(model):
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise WltError(f"prompt sharing is not supported for model type {kind!r} (supported: "
+                       f"{', '.join(sorted(SHARE_PROMPT))}); use --share-prompt off or auto")
     return _run_inside_fsdp(model, _pair_logps, exs, pad, share_prompt)
 
 

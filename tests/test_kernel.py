@@ -124,9 +124,12 @@ def test_shared_prompt_equals_unshared(family, bpe_tokenizer, pairs):
                grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False)))
 
 
-def test_default_sharing_follows_the_family(bpe_tokenizer):
+def test_default_sharing_follows_the_family(bpe_tokenizer, pairs):
     assert wlt.can_share_prompt(build("llama", len(bpe_tokenizer)))
-    assert not wlt.can_share_prompt(build("gemma2", len(bpe_tokenizer)))  # sliding-window cache: not shared
+    gemma2 = build("gemma2", len(bpe_tokenizer))
+    assert not wlt.can_share_prompt(gemma2)  # sliding-window cache: not shared
+    with pytest.raises(wlt.WltError, match="prompt sharing is not supported for model type 'gemma2'"):
+        wlt.pair_logps(gemma2, pairs, 0, share_prompt=True)
 
 
 class MaxVocabTensor(TorchDispatchMode):
