@@ -136,6 +136,19 @@ class Peak:
             self.bytes = _status("VmHWM") - self.base
 
 
+def timed(step, items: list, dev) -> tuple[list[float], int]:
+    """Run step(item) for each item: (seconds of each, peak memory above the start in bytes)."""
+    times = []
+    with Peak(dev) as peak:
+        for item in items:
+            sync(dev)
+            t0 = time.perf_counter()
+            step(item)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+    return times, peak.bytes
+
+
 def count_flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
@@ -237,16 +250,9 @@ def work_dpo(args, side: str, dev) -> dict:
         return float(loss), float(norm)
 
     res["first_loss"], res["first_grad_norm"] = step(batches[0])  # also the warm-up: optimizer state allocated
-    times = []
-    with Peak(dev) as peak:
-        for exs in batches[1:]:
-            sync(dev)
-            t0 = time.perf_counter()
-            step(exs)
-            sync(dev)
-            times.append(time.perf_counter() - t0)
+    times, peak = timed(step, batches[1:], dev)
     res["flops_per_s"] = count_flops(lambda: step(batches[1])) / (sum(times) / len(times))
-    res.update(step_seconds=sorted(times)[len(times) // 2], peak=peak.bytes)
+    res.update(step_seconds=sorted(times)[len(times) // 2], peak=peak)
     return res
 
 
@@ -275,16 +281,9 @@ def work_sft(args, side: str, dev) -> dict:
         return float(loss)
 
     first = step(batches[0])
-    times = []
-    with Peak(dev) as peak:
-        for b in batches[1:]:
-            sync(dev)
-            t0 = time.perf_counter()
-            step(b)
-            sync(dev)
-            times.append(time.perf_counter() - t0)
+    times, peak = timed(step, batches[1:], dev)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
-    return {"tokens_per_s": tokens / sum(times), "peak": peak.bytes, "first_loss": first,
+    return {"tokens_per_s": tokens / sum(times), "peak": peak, "first_loss": first,
             "flops_per_s": count_flops(lambda: step(batches[1])) / (sum(times) / len(times))}
 
 

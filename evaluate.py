@@ -145,13 +145,8 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
     In fp32 a sample does not depend on the batch it falls in (checked by the tests); under bf16 the padding
     of a batch can change the last bits of the logits, and so, rarely, a sample."""
     eos_ids = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=dev)
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    B = len(prompts)
+    ids, mask = (t.to(dev) for t in wlt.pad_batch(prompts, pad, left=True))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
     out = [[] for _ in range(B)]

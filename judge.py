@@ -18,7 +18,6 @@ reported. A local model is read out exactly instead: the probabilities of the to
 prompt, sampled --repeats times with a seeded generator when --temperature > 0, else the more probable one.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -162,24 +161,10 @@ def label_pairs(judge, data: str, out: str, repeats: int = 1, seed: int = 0, str
     rows, ties = [], 0
     for i, p in enumerate(pairs):
         v = verdicts[i]
-        if v["winner"] == 0:
-            ties += 1
-            keep = hashlib.sha256((p["chosen"] + "\0" + p["rejected"]).encode()).digest()[0] < 128
-        else:
-            keep = v["winner"] == 1
-        share = v["votes1"] / v["asks"]
-        row = {"prompt": p["prompt"], "chosen": p["chosen"] if keep else p["rejected"],
-               "rejected": p["rejected"] if keep else p["chosen"], "chosen_reward": share if keep else 1 - share,
-               "rejected_reward": 1 - share if keep else share, "human_agrees": keep}
-        for key, val in p.items():  # extra fields; *_chosen / *_rejected follow their response
-            if key in row:
-                continue
-            if not keep and key.endswith("_chosen"):
-                val = p.get(key[:-len("_chosen")] + "_rejected", val)
-            elif not keep and key.endswith("_rejected"):
-                val = p.get(key[:-len("_rejected")] + "_chosen", val)
-            row[key] = val
-        rows.append(row)
+        ties += v["winner"] == 0
+        keep = wlt.text_tie_break(p["chosen"], p["rejected"]) if v["winner"] == 0 else v["winner"] == 1
+        share = v["votes1"] / v["asks"]  # the judge's votes for the input's chosen response
+        rows.append(wlt.relabeled_row(p, keep, share, 1 - share))
     wlt.write_jsonl(out, rows)
     summary = {"rows": len(pairs) + skips.total(), "labeled": len(rows), "skipped": skips.as_dict(),
                "agreement_with_input": sum(r["human_agrees"] for r in rows) / len(rows),

@@ -19,7 +19,6 @@ inputs does nothing (--overwrite relabels). Exact reward ties (a teacher that ca
 are broken by a hash of the two texts, never by the input order, which is the human label.
 """
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -181,29 +180,13 @@ def main():
     r_in_r = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
     # exact ties (pi_w cannot tell the responses apart) are broken by a hash of the pair's texts: fixed, and
     # unrelated to the input order, which is the human label
-    tie_break = torch.tensor([hashlib.sha256((pairs[i]["chosen"] + "\0" + pairs[i]["rejected"]).encode()).digest()[0] < 128
-                              for i in todo])
+    tie_break = torch.tensor([wlt.text_tie_break(pairs[i]["chosen"], pairs[i]["rejected"]) for i in todo])
     keep = wlt.weak_labels(r_in_c, r_in_r, tie_break)
     ties = int((r_in_c == r_in_r).sum())
     if ties:
         wlt.log(f"warning: {ties} pair(s) with exactly equal rewards (is pi_w different from pi_ref?); "
                 f"broken by a hash of the texts, not by the input order")
-    rows = []
-    for k, i in enumerate(todo):
-        p, agree = pairs[i], bool(keep[k])
-        rc, rr = float(r_in_c[k]), float(r_in_r[k])
-        row = {"prompt": p["prompt"], "chosen": p["chosen"] if agree else p["rejected"],
-               "rejected": p["rejected"] if agree else p["chosen"],
-               "chosen_reward": rc if agree else rr, "rejected_reward": rr if agree else rc, "human_agrees": agree}
-        for key, v in p.items():  # extra fields; *_chosen / *_rejected follow their response
-            if key in row:
-                continue
-            if not agree and key.endswith("_chosen"):
-                v = p.get(key[:-len("_chosen")] + "_rejected", v)
-            elif not agree and key.endswith("_rejected"):
-                v = p.get(key[:-len("_rejected")] + "_chosen", v)
-            row[key] = v
-        rows.append(row)
+    rows = [wlt.relabeled_row(pairs[i], bool(keep[k]), float(r_in_c[k]), float(r_in_r[k])) for k, i in enumerate(todo)]
     wlt.write_jsonl(args.out, rows)
 
     margins = [r["chosen_reward"] - r["rejected_reward"] for r in rows]

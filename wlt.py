@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import functools
 import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -381,6 +382,19 @@ def pad_id(tok) -> int:
             return t
 
 
+def pad_batch(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention_mask), both [B, max length]: padded on the right, or on the left so that
+    every sequence ends in the last column (prompts continued by a KV cache)."""
+    B, T = len(seqs), max(map(len, seqs))
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def collate(seqs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
     """Right-pad (prompt_ids, response_ids) sequences into input_ids / attention_mask / labels [B, T].
     labels = input_ids on response tokens and IGNORE (-100) on prompt and padding."""
@@ -559,28 +573,16 @@ def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]],
                        pad: int) -> torch.Tensor:
     head = head_of(model)
     dev = head["weight"].device
-    B, P = len(prompts), max(map(len, prompts))
-    # 1. the prompts, left-padded so that every prompt ends at column P - 1, once per pair
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    pmask = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        pmask[i, P - len(p):] = 1
-    ids, pmask = ids.to(dev), pmask.to(dev)
+    B = len(prompts)
+    # 1. the prompts, left-padded so that every prompt ends in the last column, once per pair
+    ids, pmask = (t.to(dev) for t in pad_batch(prompts, pad, left=True))
     pos = (pmask.cumsum(-1) - 1).clamp(min=0)  # explicit positions: left padding must not shift them
     out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(2)           # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
     # 2. both responses of every pair on top of its cached prompt, right-padded
-    resp = [r for pair in zip(chosen, rejected) for r in pair]
-    R = max(map(len, resp))
-    rids = torch.full((2 * B, R), pad, dtype=torch.long)
-    rmask = torch.zeros((2 * B, R), dtype=torch.long)
-    for i, r in enumerate(resp):
-        rids[i, :len(r)] = torch.tensor(r)
-        rmask[i, :len(r)] = 1
-    rids, rmask = rids.to(dev), rmask.to(dev)
-    rpos = pmask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(R, device=dev)
+    rids, rmask = (t.to(dev) for t in pad_batch([r for pair in zip(chosen, rejected) for r in pair], pad))
+    rpos = pmask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(rids.shape[1], device=dev)
     hid = model.base_model(input_ids=rids, attention_mask=torch.cat([pmask.repeat_interleave(2, 0), rmask], 1),
                            position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
     # 3. response token j is predicted by the last prompt state (j = 0) or by response state j - 1
@@ -632,6 +634,31 @@ def weak_labels(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ti
     exact ties. It must not be the input order: that order is the human label, and a teacher that cannot tell
     two responses apart (pi_w == pi_ref, say) would otherwise copy the human labels."""
     return torch.where(chosen_rewards == rejected_rewards, tie_break, chosen_rewards > rejected_rewards)
+
+
+def text_tie_break(chosen: str, rejected: str) -> bool:
+    """The answer to an exact tie between two responses (weak_labels' tie_break): a fixed hash of the two texts,
+    unrelated to their order in the input, which is the human label."""
+    return hashlib.sha256((chosen + "\0" + rejected).encode()).digest()[0] < 128
+
+
+def relabeled_row(pair: dict, keep: bool, reward_in_chosen: float, reward_in_rejected: float) -> dict:
+    """A pair in a labeler's order (label.py's output row): chosen = the labeler's choice (keep: the input's
+    chosen), its rewards, human_agrees = keep, and every other input field, *_chosen / *_rejected fields
+    following their response (the synthetic world's gold rewards, say)."""
+    row = {"prompt": pair["prompt"], "chosen": pair["chosen"] if keep else pair["rejected"],
+           "rejected": pair["rejected"] if keep else pair["chosen"],
+           "chosen_reward": reward_in_chosen if keep else reward_in_rejected,
+           "rejected_reward": reward_in_rejected if keep else reward_in_chosen, "human_agrees": keep}
+    for key, v in pair.items():
+        if key in row:
+            continue
+        if not keep and key.endswith("_chosen"):
+            v = pair.get(key[:-len("_chosen")] + "_rejected", v)
+        elif not keep and key.endswith("_rejected"):
+            v = pair.get(key[:-len("_rejected")] + "_chosen", v)
+        row[key] = v
+    return row
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
