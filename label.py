@@ -163,6 +163,7 @@ def main():
     if args.overwrite and wlt.rank() == 0:  # relabel from scratch, not from an earlier run's batches
         wlt.remove_dir(args.out + ".partial")
     partial = wlt.Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
+    resumed = sum(len(b) for k, b in enumerate(batches) if f"label:{k}" in partial.done)  # labeled before a kill
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="label", unit="pair", disable=wlt.rank() != 0, mininterval=1.0)
     with torch.inference_mode(), wlt.autocast(dev, args.dtype):
@@ -198,7 +199,8 @@ def main():
                           "ties": sum(m == 0 for m in margins)},
         "chosen_reward_mean": statistics.fmean(r["chosen_reward"] for r in rows),
         "rejected_reward_mean": statistics.fmean(r["rejected_reward"] for r in rows),
-        "pairs_per_s": len(rows) / max(seconds, 1e-9), "seconds": seconds, "processes": wlt.world_size(),
+        "pairs_per_s": (len(rows) - resumed) / max(seconds, 1e-9), "seconds": seconds, "resumed_pairs": resumed,
+        "processes": wlt.world_size(),
         "teacher": how,
     }
     if all("gold_chosen" in r and "gold_rejected" in r for r in rows):  # synthetic world: exact gold rewards

@@ -106,6 +106,8 @@ def test_label_killed_then_resumed(synthetic_run, tmp_path):
     assert "resuming with 3" in p.stdout
     assert open(full).read() == open(cut).read()
     assert not os.path.exists(cut + ".partial")
+    s = json.load(open(str(tmp_path / "cut.summary.json")))
+    assert s["resumed_pairs"] == 12 and s["labeled"] == 40  # pairs/s counts the 28 labeled by this run only
     # a cut last line (a kill in the middle of a write) is skipped, not fatal
     os.remove(cut)
     p = run_script(LABEL, *args, "--out", cut, env={"WLT_FAULT": "batch:2"}, check=False)
