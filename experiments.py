@@ -259,22 +259,13 @@ def exp_subsets(a) -> dict:
     weak = read_jsonl(os.path.join(run, "data", "weak.jsonl"))
     human = read_jsonl(os.path.join(run, "data", "unlabeled.jsonl"))
 
-    def human_order(r: dict) -> dict:  # weak.jsonl keeps the teacher's order; human_agrees tells the human one
-        if r["human_agrees"]:
-            return r
-        swapped = dict(r, chosen=r["rejected"], rejected=r["chosen"])
-        for k in list(r):
-            if k.endswith("_chosen"):
-                swapped[k], swapped[k[:-7] + "_rejected"] = r[k[:-7] + "_rejected"], r[k]
-        return swapped
     match = [r for r in weak if r["human_agrees"]]
     mismatch_weak = [r for r in weak if not r["human_agrees"]]
-    mismatch_human = [human_order(r) for r in mismatch_weak]
+    # weak.jsonl keeps the teacher's order: on the mismatches the human order is the other one
+    mismatch_human = [wlt.relabeled_row(r, False, r["chosen_reward"], r["rejected_reward"]) for r in mismatch_weak]
     flip_rate = len(mismatch_weak) / len(weak)
     rng = random.Random(a.seed)
-    noise = [dict(r, chosen=r["rejected"], rejected=r["chosen"],
-                  **({"gold_chosen": r["gold_rejected"], "gold_rejected": r["gold_chosen"]} if "gold_chosen" in r else {}))
-             if rng.random() < flip_rate else r for r in human]
+    noise = [wlt.swap_pair(r) if rng.random() < flip_rate else r for r in human]
     d = os.path.join(a.out, "data")
     sets = {"match": match, "mismatch-weak": mismatch_weak, "mismatch-human": mismatch_human, "noise": noise}
     for name, rows in sets.items():

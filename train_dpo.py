@@ -85,16 +85,16 @@ def main():
         for m in wlt.lora_modules(model):
             m.dropout.train(on)
 
-    # the shared prompt's KV cache is written inside each block's forward: a checkpointed block would write it
-    # again when recomputed, so activation checkpointing runs every sequence whole
-    share = args.share_prompt == "on" or (args.share_prompt == "auto" and wlt.can_share_prompt(model)
-                                          and not args.activation_checkpointing)
+    # None: wlt.pair_logps decides by the model's family. The shared prompt's KV cache is written inside each
+    # block's forward: a checkpointed block would write it again when recomputed, so activation checkpointing
+    # runs every sequence whole.
+    share = False if args.activation_checkpointing else {"auto": None, "on": True, "off": False}[args.share_prompt]
 
     def pair_logps(m, exs) -> torch.Tensor:
         """[len(exs), 2]: summed response log-probs of (chosen, rejected); the prompt runs once per pair when
-        `share` (its KV cache serves both responses), else 2B full sequences in one forward."""
+        shared (its KV cache serves both responses), else 2B full sequences in one forward."""
         with wlt.autocast(dev, args.dtype):
-            return wlt.pair_logps(m, exs, pad, share_prompt=share and wlt.can_share_prompt(m))
+            return wlt.pair_logps(m, exs, pad, share_prompt=share)
 
     # ---- the reference, once, before the loop: a second model (--ref), the adapter switched off, or zeros.
     # Computed over exactly the micro-batches each rank will train on (same padding, same shapes), so while
@@ -103,7 +103,8 @@ def main():
     plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     settings = wlt.checkpoint_settings(args)
     ckpt, start = wlt.checkpoint_to_resume(args.out, settings, inputs) if args.resume else (None, 0)
-    ref_key = {"inputs": inputs, "micro": micro, "processes": W, "share_prompt": share,
+    ref_key = {"inputs": inputs, "micro": micro, "processes": W,
+               "share_prompt": wlt.can_share_prompt(model) if share is None else share,
                **{k: getattr(args, k) for k in ("max_len", "seed", "batch_size", "epochs", "max_steps", "eval_pairs",
                                                  "dtype", "reference_free", "strict")}}
     per_epoch = -(-len(train) // args.batch_size)  # steps per epoch: plan[step] is a batch of epoch step // per_epoch

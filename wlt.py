@@ -537,15 +537,21 @@ def _plain_response_logps(model, input_ids, attention_mask, labels) -> torch.Ten
     return (logp * (targets != IGNORE)).sum(-1)
 
 
+def _summed_logps(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head: dict) -> torch.Tensor:
+    """pred [B, T, H]: the hidden state that predicts targets [B, T] at each position; mask [B, T] bool: the
+    response tokens. Returns [B]: the summed log-probs of the masked targets (only those reach the head)."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    lp = token_logps(pred[rows, cols], head, targets[rows, cols])
+    return torch.zeros(pred.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
+
+
 def _lean_response_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     head = head_of(model)
     if head is None:
         return _plain_response_logps(model, input_ids, attention_mask, labels)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]                     # position t predicts token t + 1
-    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
-    lp = token_logps(hidden[rows, cols], head, targets[rows, cols])
-    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
+    return _summed_logps(hidden[:, :-1], targets, targets != IGNORE, head)
 
 
 def _run_inside_fsdp(model, fn, *args):
@@ -587,9 +593,7 @@ def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]],
                            position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
     # 3. response token j is predicted by the last prompt state (j = 0) or by response state j - 1
     pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(2, 0), hid[:, :-1]], dim=1)  # [2B, R, H]
-    rows, cols = rmask.bool().nonzero(as_tuple=True)
-    lp = token_logps(pred[rows, cols], head, rids[rows, cols])
-    return torch.zeros(2 * B, dtype=torch.float32, device=dev).index_add(0, rows, lp).view(B, 2)
+    return _summed_logps(pred, rids, rmask.bool(), head).view(B, 2)
 
 
 def _pair_logps(model, exs: list[dict], pad: int, share: bool) -> torch.Tensor:
@@ -642,22 +646,29 @@ def text_tie_break(chosen: str, rejected: str) -> bool:
     return hashlib.sha256((chosen + "\0" + rejected).encode()).digest()[0] < 128
 
 
+def swap_pair(pair: dict) -> dict:
+    """The pair with chosen and rejected exchanged, *_chosen / *_rejected fields (the synthetic world's gold
+    rewards, say) following their response."""
+    out = {}
+    for key, v in pair.items():
+        if key in ("chosen", "rejected"):
+            v = pair["rejected" if key == "chosen" else "chosen"]
+        elif key.endswith("_chosen"):
+            v = pair.get(key[:-len("_chosen")] + "_rejected", v)
+        elif key.endswith("_rejected"):
+            v = pair.get(key[:-len("_rejected")] + "_chosen", v)
+        out[key] = v
+    return out
+
+
 def relabeled_row(pair: dict, keep: bool, reward_in_chosen: float, reward_in_rejected: float) -> dict:
     """A pair in a labeler's order (label.py's output row): chosen = the labeler's choice (keep: the input's
-    chosen), its rewards, human_agrees = keep, and every other input field, *_chosen / *_rejected fields
-    following their response (the synthetic world's gold rewards, say)."""
-    row = {"prompt": pair["prompt"], "chosen": pair["chosen"] if keep else pair["rejected"],
-           "rejected": pair["rejected"] if keep else pair["chosen"],
+    chosen), its rewards, human_agrees = keep, then every other input field (swap_pair when not keep)."""
+    p = pair if keep else swap_pair(pair)
+    row = {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
            "chosen_reward": reward_in_chosen if keep else reward_in_rejected,
            "rejected_reward": reward_in_rejected if keep else reward_in_chosen, "human_agrees": keep}
-    for key, v in pair.items():
-        if key in row:
-            continue
-        if not keep and key.endswith("_chosen"):
-            v = pair.get(key[:-len("_chosen")] + "_rejected", v)
-        elif not keep and key.endswith("_rejected"):
-            v = pair.get(key[:-len("_rejected")] + "_chosen", v)
-        row[key] = v
+    row.update((k, v) for k, v in p.items() if k not in row)
     return row
 
 
@@ -956,11 +967,12 @@ def init_distributed() -> None:
         torch.distributed.init_process_group(backend)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over the ranks; returned where it came from (nccl reduces CUDA tensors only)."""
+def all_reduce_sum(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """Sum (or op="MAX": the largest) of a tensor over the ranks; returned where it came from (nccl reduces
+    CUDA tensors only)."""
     if world_size() > 1:
         r = t.to(device())
-        torch.distributed.all_reduce(r, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(r, op=getattr(torch.distributed.ReduceOp, op))
         t = r.to(t.device)
     return t
 
@@ -1351,12 +1363,8 @@ def memory_report(model: nn.Module, opt) -> dict:
         return t.numel() * t.element_size()
     params = sum(local_bytes(p) for p in model.parameters())
     optim = sum(local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
-    vals = torch.tensor([params, optim, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0],
-                        dtype=torch.float64)
-    if world_size() > 1:
-        r = vals.to(device())
-        torch.distributed.all_reduce(r, op=torch.distributed.ReduceOp.MAX)
-        vals = r.cpu()
+    vals = all_reduce_sum(torch.tensor([params, optim, torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                                        else 0], dtype=torch.float64), op="MAX")
     mib = [float(v) / 2 ** 20 for v in vals]
     out = {"params_mib_per_rank": mib[0], "optimizer_mib_per_rank": mib[1]}
     if torch.cuda.is_available():
@@ -1480,7 +1488,7 @@ def load_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor | None, torch.
                 log(f"{path}: made with other settings or inputs; computing the reference again")
                 return None, None
             train, evals = f.get_tensor("train"), f.get_tensor("eval")
-    except (OSError, KeyError, ValueError, Exception) as e:  # missing or unreadable: compute it again
+    except Exception as e:  # missing or unreadable (any safetensors error): compute it again
         if os.path.exists(path):
             log(f"{path}: unreadable ({one_line(e)}); computing the reference again")
         return None, None
