@@ -1,12 +1,12 @@
 """Evaluation as in the paper (section 4.1 and 4.3): sample from each policy on the test prompts, score the
 samples with a gold reward, compare the policies, and analyse the weak labels against the human ones.
 
-    python evaluate.py --run runs/demo                     the synthetic world: exact gold reward
-    python evaluate.py --run runs/hh --gold-rm Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
+    python evaluate.py                                      the default run (runs/synthetic): exact gold reward
+    python evaluate.py --run-dir runs/hh --gold-rm Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
     python evaluate.py --policy a=out/a --policy b=out/b --prompts test.jsonl --gold-rm RM --out eval/
-    torchrun --nproc_per_node 2 evaluate.py --run runs/demo  (each process takes a share of the prompts)
+    torchrun --nproc_per_node 2 evaluate.py --run-dir runs/demo  (each process takes a share of the prompts)
 
-Policies with --run: base (the student's base model), sft (student/sft, the DPO reference), human
+Policies of a run: base (the student's base model), sft (student/sft, the DPO reference), human
 (student/dpo-human, DPO on D_u's human labels) and weak (student/dpo-weak, DPO on the teacher's labels);
 missing ones are left out with a message. --policy NAME=PATH (repeatable) chooses them explicitly.
 
@@ -14,7 +14,7 @@ Sampling: temperature 0.7 and at most 256 new tokens (flags), left-padded batche
 prompt has its own random generator seeded with --seed + its index, so a sample does not depend on the
 batch it falls in, and all policies see the same random numbers (paired comparisons).
 
-Gold reward: in the synthetic world the exact function of (prompt, response) (wlt.gold_reward). Otherwise
+Gold reward: in the synthetic world the exact function of (prompt, response) (lib/synthetic.py, gold_reward). Otherwise
 any HF sequence-classification reward model with one output (--gold-rm), fed in one of two formats:
   chat  the prompt's turns ("Human:" -> user, "Assistant:" -> assistant) plus the response as the last
         assistant turn, through the reward model's chat template (e.g. the Mistral-7B reward model);
@@ -34,21 +34,27 @@ import statistics
 import time
 
 import torch
-from tqdm import tqdm
 
 import wlt
+from lib import dist, runs, synthetic
+from lib.console import argument_parser, log, one_line, run_main
+from lib.data import pad_id
+from lib.files import fingerprint, iter_jsonl, remove_dir, same_settings, write_json, write_jsonl, write_text
+from lib.models import check_model_dir, load_model, load_tokenizer
+from lib.resumable import Partial, in_batches, run_batches
 
 ROLE_NAMES = {"base": "base model", "sft": "SFT (reference)", "human": "pi_human (DPO, human labels)",
               "weak": "pi_weak (DPO, weak labels)"}
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = ap.add_argument_group("what to evaluate")
-    g.add_argument("--run", default=None, help="run directory: its student policies, test prompts, labels and gold reward")
+    ap = argument_parser(__doc__)
+    g = ap.add_argument_group("what to evaluate: the policies of a run, or explicit ones")
+    g.add_argument("--run-dir", default=None,
+                   help=f"run folder: its student policies, test prompts, labels and gold reward (default "
+                        f"{runs.shown(runs.DEFAULT_RUN)} unless --policy is given)")
     g.add_argument("--policy", action="append", default=[], metavar="NAME=PATH",
-                   help="a policy to evaluate (repeatable); replaces the run's default set")
+                   help="a policy to evaluate (repeatable); replaces the run's set")
     g.add_argument("--prompts", default=None, help="prompt file (.jsonl with a \"prompt\" field; default: the run's data/test.jsonl)")
     g.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
     g.add_argument("--num-prompts", type=int, default=0, help="evaluate the first N prompts (0: all)")
@@ -75,11 +81,12 @@ def parse_args() -> argparse.Namespace:
     o.add_argument("--overwrite", action="store_true", help="evaluate again even if complete results with the same settings exist")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     args = ap.parse_args()
-    if not args.run and not (args.policy and args.prompts and args.out):
-        ap.error("give --run, or --policy NAME=PATH (one or more), --prompts and --out")
-    if args.run:
-        args.out = args.out or os.path.join(args.run, "eval")
-        args.prompts = args.prompts or os.path.join(args.run, "data", "test.jsonl")
+    if args.policy and not args.run_dir and not (args.prompts and args.out):
+        ap.error("--policy without --run-dir needs --prompts and --out")
+    if args.run_dir or not args.policy:
+        args.run_dir = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)
+        args.out = args.out or os.path.join(args.run_dir, "eval")
+        args.prompts = args.prompts or os.path.join(args.run_dir, "data", "test.jsonl")
     for p in args.policy:
         if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
             ap.error(f"--policy {p!r}: expected NAME=PATH")
@@ -90,7 +97,7 @@ def policies(args, cfg: dict) -> dict[str, str]:
     """name -> model path, in table order."""
     if args.policy:
         return dict(p.split("=", 1) for p in args.policy)
-    s = os.path.join(args.run, "student")
+    s = os.path.join(args.run_dir, "student")
     out = {}
     base = cfg.get("student_model")
     if base:  # a hub name, or a local model folder
@@ -100,9 +107,9 @@ def policies(args, cfg: dict) -> dict[str, str]:
         if os.path.isfile(os.path.join(path, "train_config.json")):  # the trainer's completion marker
             out[name] = path
         else:
-            wlt.log(f"policy {name}: no finished training in {path}, left out")
+            log(f"policy {name}: no finished training in {path}, left out")
     if not out:
-        raise wlt.WltError(f"{args.run}: no trained policy to evaluate")
+        runs.require(args.run_dir, "student/sft")
     return out
 
 
@@ -152,7 +159,7 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     next_pos = mask.sum(-1, keepdim=True)
-    with wlt.autocast(dev, dtype):
+    with dist.autocast(dev, dtype):
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             nxt = sample_next(res.logits[:, -1], temperature, gens)
@@ -164,25 +171,24 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=res.past_key_values, use_cache=True)
+                        use_cache=True, **{wlt.kv_cache_kwarg(model): wlt.kv_cache_of(res)})
             next_pos = next_pos + 1
     return out
 
 
-def sharded(batches, fn, partial, tag: str, desc: str, unit: str) -> dict:
-    """wlt.run_batches with a progress bar: {item: value} on rank 0, {} elsewhere."""
-    bar = tqdm(total=sum(map(len, batches)), desc=desc, unit=unit, disable=wlt.rank() != 0, mininterval=1.0)
-    res = wlt.run_batches(batches, fn, partial, tag, bar)
-    bar.close()
-    return res
+def sample_batch(b: list[int], model, tok, enc: list[list[int]], eos: list[int], pad: int, args, dev) -> dict:
+    """{prompt index: response text} of one batch of prompts."""
+    new = generate(model, [enc[i] for i in b], [args.seed + i for i in b], eos, pad, args.temperature,
+                   args.max_new_tokens, dev, args.dtype)
+    return {i: tok.decode([t for t in ids if t not in eos], skip_special_tokens=True) for i, ids in zip(b, new)}
 
 
 def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: dict, partial) -> dict[int, str]:
     """{prompt index: response text} for one policy (this rank's share; rank 0 gets all after gathering)."""
-    wlt.check_model_dir(path)
-    tok = wlt.load_tokenizer(path, args.trust_remote_code)
-    model = wlt.load_model(path, args.trust_remote_code).to(dev).eval()
-    eos, pad = tok.eos_token_id, wlt.pad_id(tok)
+    check_model_dir(path)
+    tok = load_tokenizer(path, args.trust_remote_code)
+    model = load_model(path, args.trust_remote_code).to(dev).eval()
+    eos, pad = tok.eos_token_id, pad_id(tok)
     if eos is None:
         raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. also <|eot_id|>
@@ -206,14 +212,9 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
         raise wlt.WltError(f"{args.prompts}: prompt {empty[0] + 1} has no tokens under {path}'s tokenizer "
                            f"({len(empty)} such prompts); remove them or use a tokenizer that adds BOS")
 
-    def work(b: list[int]) -> dict:
-        new = generate(model, [enc[i] for i in b], [args.seed + i for i in b], eos, pad, args.temperature,
-                       args.max_new_tokens, dev, args.dtype)
-        return {i: tok.decode([t for t in ids if t not in eos], skip_special_tokens=True) for i, ids in zip(b, new)}
-
     t0 = time.time()
-    out = sharded(wlt.in_batches([len(e) for e in enc], args.batch_size), work, partial, f"gen:{name}",
-                  f"sample {name}", "prompt")
+    out = run_batches(in_batches([len(e) for e in enc], args.batch_size), partial, f"gen:{name}", f"sample {name}",
+                      "prompt", sample_batch, model, tok, enc, eos, pad, args, dev)
     stats[name]["seconds"] = time.time() - t0
     del model
     return out
@@ -228,14 +229,14 @@ class GoldRM:
 
     def __init__(self, path: str, fmt: str, batch_size: int, max_len: int, dev, dtype: str, trust: bool):
         from transformers import AutoModelForSequenceClassification
-        wlt.check_model_dir(path)
-        self.tok = wlt.load_tokenizer(path, trust)
+        check_model_dir(path)
+        self.tok = load_tokenizer(path, trust)
         use_bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=torch.bfloat16 if use_bf16 else torch.float32, trust_remote_code=trust).to(dev).eval()
         except (OSError, ValueError) as e:
-            raise wlt.WltError(f"cannot load reward model {path!r}: {wlt.one_line(e)}") from None
+            raise wlt.WltError(f"cannot load reward model {path!r}: {one_line(e)}") from None
         if self.model.config.num_labels != 1:
             raise wlt.WltError(f"{path}: a reward model has one output, this one has {self.model.config.num_labels}")
         if self.tok.pad_token_id is None:
@@ -269,6 +270,12 @@ class GoldRM:
             return self.model.score(h[torch.arange(len(h), device=h.device), last])[:, 0]
         return self.model(**batch).logits[:, 0]
 
+    def score_batch(self, b: list[int], enc: list[dict]) -> dict:
+        """{item: gold reward} of one batch of encoded items."""
+        batch = self.tok.pad([enc[i] for i in b], return_tensors="pt")
+        scores = self.forward({k: v.to(self.dev) for k, v in batch.items()})
+        return dict(zip(b, scores.float().cpu().tolist()))
+
     @torch.no_grad()
     def score(self, items: list[tuple[str, str]], desc: str, partial) -> list[float]:
         """Gold rewards of (prompt, response) items, split over the ranks; every rank gets the full list."""
@@ -278,25 +285,12 @@ class GoldRM:
                 enc.append(self.encode(p, r))
             except Exception as e:  # e.g. a chat template that rejects the conversation
                 raise wlt.WltError(f"{self.path}: cannot build the reward-model input of item {i} ({desc}): "
-                                   f"{wlt.one_line(e)}") from None
+                                   f"{one_line(e)}") from None
 
-        def work(b: list[int]) -> dict:
-            batch = self.tok.pad([enc[i] for i in b], return_tensors="pt")
-            scores = self.forward({k: v.to(self.dev) for k, v in batch.items()})
-            return dict(zip(b, scores.float().cpu().tolist()))
-
-        res = sharded(wlt.in_batches([len(e["input_ids"]) for e in enc], self.batch_size), work, partial, f"rm:{desc}", desc, "seq")
-        res = broadcast(res)
+        res = run_batches(in_batches([len(e["input_ids"]) for e in enc], self.batch_size), partial, f"rm:{desc}",
+                          desc, "seq", self.score_batch, enc)
+        res = dist.broadcast(res)
         return [res[i] for i in range(len(items))]
-
-
-def broadcast(obj):
-    """Rank 0's object on every rank."""
-    if wlt.world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,27 +404,27 @@ def results_markdown(res: dict) -> str:
 
 def main():
     args = parse_args()
-    cfg = wlt.read_run_config(args.run) if args.run else {}
-    synthetic = cfg.get("source") == "synthetic" and not args.gold_rm
-    if not synthetic and not args.gold_rm:
+    cfg = runs.read_run_config(args.run_dir) if args.run_dir else {}
+    exact_gold = cfg.get("source") == "synthetic" and not args.gold_rm
+    if not exact_gold and not args.gold_rm:
         raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
     pols = policies(args, cfg)
-    weak_path = os.path.join(args.run, "data", "weak.jsonl") if args.run else None
-    inputs = {"policies": {n: wlt.fingerprint(p) for n, p in pols.items()}, "prompts": wlt.fingerprint(args.prompts),
-              "weak": wlt.fingerprint(weak_path), "gold_rm": wlt.fingerprint(args.gold_rm)}
+    weak_path = os.path.join(args.run_dir, "data", "weak.jsonl") if args.run_dir else None
+    inputs = {"policies": {n: fingerprint(p) for n, p in pols.items()}, "prompts": fingerprint(args.prompts),
+              "weak": fingerprint(weak_path), "gold_rm": fingerprint(args.gold_rm)}
     marker = os.path.join(args.out, "results.json")
     complete = all(os.path.isfile(os.path.join(args.out, f)) for f in ("results.md", "generations.jsonl"))
-    if not args.overwrite and complete and wlt.same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
-        wlt.log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
-        wlt.log(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
+    if not args.overwrite and complete and same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
+        log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
+        log(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
         return
-    wlt.init_distributed()
-    dev = wlt.device()
-    if wlt.rank() == 0 and os.path.isfile(marker):
+    dist.init_distributed()
+    dev = dist.device()
+    if dist.rank() == 0 and os.path.isfile(marker):
         os.remove(marker)
 
     # ---- prompts
-    rows = [r for _, r in wlt.iter_jsonl(args.prompts)]
+    rows = [r for _, r in iter_jsonl(args.prompts)]
     bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
     if bad:
         raise wlt.WltError(f"{args.prompts}:{bad[0]}: no \"prompt\" string field ({len(bad)} such rows)")
@@ -439,26 +433,26 @@ def main():
         prompts = prompts[:args.num_prompts]
     if not prompts:
         raise wlt.WltError(f"{args.prompts}: no prompts")
-    wlt.log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
+    log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
 
     # ---- sample every policy (one model in memory at a time). Finished batches of samples and of scores are
     # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped.
-    if args.overwrite and wlt.rank() == 0:  # evaluate from scratch, not from an earlier run's batches
-        wlt.remove_dir(os.path.join(args.out, "results.partial"))
-    partial = wlt.Partial(os.path.join(args.out, "results"),
+    if args.overwrite and dist.rank() == 0:  # evaluate from scratch, not from an earlier run's batches
+        remove_dir(os.path.join(args.out, "results.partial"))
+    partial = Partial(os.path.join(args.out, "results"),
                           {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     gen_stats, responses = {}, {}
     for name, path in pols.items():
-        responses[name] = broadcast(sample_policy(args, name, path, prompts, dev, gen_stats, partial))
+        responses[name] = dist.broadcast(sample_policy(args, name, path, prompts, dev, gen_stats, partial))
 
     # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
-    weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(wlt.summary_path(weak_path))
-    weak_rows = [r for _, r in wlt.iter_jsonl(weak_path)] if weak_done else []
+    weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(runs.summary_path(weak_path))
+    weak_rows = [r for _, r in iter_jsonl(weak_path)] if weak_done else []
     lq_rows, sample_note = weak_rows, ""
-    if synthetic:
+    if exact_gold:
         gold_name = "exact (synthetic world)"
-        gold = {n: [wlt.gold_reward(p, r[i]) for i, p in enumerate(prompts)] for n, r in responses.items()}
-        lq_gold = [(wlt.gold_reward(r["prompt"], r["chosen"]), wlt.gold_reward(r["prompt"], r["rejected"])) for r in lq_rows]
+        gold = {n: [synthetic.gold_reward(p, r[i]) for i, p in enumerate(prompts)] for n, r in responses.items()}
+        lq_gold = [(synthetic.gold_reward(r["prompt"], r["chosen"]), synthetic.gold_reward(r["prompt"], r["rejected"])) for r in lq_rows]
     else:
         rm = GoldRM(args.gold_rm, args.rm_format, args.rm_batch_size, args.rm_max_len, dev, args.dtype, args.trust_remote_code)
         gold_name = f"{args.gold_rm} ({rm.fmt} format)"
@@ -470,13 +464,13 @@ def main():
         flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold of D_u pairs", partial) if lq_rows else []
         lq_gold = list(zip(flat[0::2], flat[1::2]))
         del rm
-    if wlt.rank() != 0:
-        wlt.barrier()
+    if dist.rank() != 0:
+        dist.barrier()
         partial.remove()
         return
 
     # ---- statistics and tables
-    res = {"setup": {"what": args.run or args.out, "gold": gold_name, "prompts": len(prompts),
+    res = {"setup": {"what": args.run_dir or args.out, "gold": gold_name, "prompts": len(prompts),
                      "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
            "policies": {}}
     for name, g in gold.items():
@@ -498,15 +492,15 @@ def main():
         res["label_quality"] = lq
     gens = [{"policy": n, "index": i, "prompt": p, "response": responses[n][i], "gold": gold[n][i]}
             for n in gold for i, p in enumerate(prompts)]
-    wlt.write_jsonl(os.path.join(args.out, "generations.jsonl"), gens)
+    write_jsonl(os.path.join(args.out, "generations.jsonl"), gens)
     md = results_markdown(res)
-    wlt.write_text(os.path.join(args.out, "results.md"), md)
+    write_text(os.path.join(args.out, "results.md"), md)
     res.update(args=vars(args), inputs=inputs)
-    wlt.write_json(marker, res)  # last: marks the evaluation complete
-    wlt.log("\n" + md)
-    wlt.barrier()
+    write_json(marker, res)  # last: marks the evaluation complete
+    log("\n" + md)
+    dist.barrier()
     partial.remove()
 
 
 if __name__ == "__main__":
-    wlt.run_main(main)
+    run_main(main)

@@ -11,7 +11,7 @@
 #                                   gold reward Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
 #   bash launch.sh tldr             the same on TL;DR (CarperAI/openai_summarize_comparisons), beta 0.5,
 #                                   gold reward OpenAssistant/reward-model-deberta-v3-large-v2
-#   bash launch.sh PRESET EXPERIMENT [flags]   then one of the paper's ablations (experiments.py: fractions,
+#   bash launch.sh PRESET EXPERIMENT [flags]   then one of the paper's ablations (extras/experiments.py: fractions,
 #                                   teachers, subsets, beta, seeds, sft-ref, all)
 #
 # Settings (environment variables; README "launch.sh settings"):
@@ -75,20 +75,20 @@ stage() { echo; echo "== $1  [$(( SECONDS - START )) s]"; }
 stage "1/8 prepare -> $RUN"
 "$PY" wlt.py prepare "${PREP[@]}" "${PREPARE_X[@]}"
 stage "2/8 teacher SFT -> $RUN/teacher/sft"
-run train_sft.py --teacher --run "$RUN" --resume "${SFT_X[@]}"
+run train_sft.py --teacher --run-dir "$RUN" --resume "${SFT_X[@]}"
 stage "3/8 teacher DPO -> $RUN/teacher/dpo"
-run train_dpo.py --teacher --run "$RUN" --resume "${DPO_X[@]}"
+run train_dpo.py --teacher --run-dir "$RUN" --resume "${DPO_X[@]}"
 stage "4/8 label D_u with the weak teacher -> $RUN/data/weak.jsonl"
-run label.py --teacher --run "$RUN" "${LABEL_X[@]}"
+run label.py --teacher --run-dir "$RUN" "${LABEL_X[@]}"
 stage "5/8 student SFT -> $RUN/student/sft"
-run train_sft.py --student --run "$RUN" --resume "${SFT_X[@]}"
+run train_sft.py --student --run-dir "$RUN" --resume "${SFT_X[@]}"
 stage "6/8 student DPO on the weak labels -> $RUN/student/dpo-weak"
-run train_dpo.py --student --labels weak --run "$RUN" --resume "${DPO_X[@]}"
+run train_dpo.py --student --labels weak --run-dir "$RUN" --resume "${DPO_X[@]}"
 stage "7/8 student DPO on the human labels -> $RUN/student/dpo-human"
-run train_dpo.py --student --labels human --run "$RUN" --resume "${DPO_X[@]}"
+run train_dpo.py --student --labels human --run-dir "$RUN" --resume "${DPO_X[@]}"
 stage "8/8 evaluate -> $RUN/eval/results.md"
-run evaluate.py --run "$RUN" "${GOLD[@]}" "${EVAL_X[@]}"
+run evaluate.py --run-dir "$RUN" "${GOLD[@]}" "${EVAL_X[@]}"
 echo "== done in $(( SECONDS - START )) s: $RUN/eval/results.md"
 if [ -n "${2:-}" ]; then  # an experiment on top of this pipeline: bash launch.sh PRESET EXPERIMENT [flags]
-  exec "$PY" experiments.py "$2" --preset "$PRESET" --base "$RUN" "${@:3}"
+  exec "$PY" extras/experiments.py "$2" --preset "$PRESET" --base "$RUN" "${@:3}"
 fi

@@ -1,115 +1,90 @@
-"""Supervised fine-tuning on the chosen responses: the reference policy pi_ref of the paper (step 1 for the
-teacher, step 4 for the student). Full fine-tune, loss on response tokens only.
+"""Supervised fine-tuning on the chosen responses: the reference policy pi_ref of the paper, for the weak
+teacher (on D_l) and for the student. A full fine-tune; the loss is on the response tokens only.
 
-    python train_sft.py --teacher --run runs/demo
-    torchrun --nproc_per_node 2 train_sft.py --student --run runs/demo
+    torchrun train_sft.py --teacher                           in the default run folder, runs/synthetic
+    torchrun --nproc_per_node 2 train_sft.py --student --run-dir runs/demo
     python train_sft.py --model facebook/opt-125m --data pairs.jsonl --out out/sft
 
-Loss: summed NLL of the chosen-response tokens over the global batch / number of those tokens, so any
-number of processes and micro-batches gives the same step as one process on the whole batch.
+Loss (wlt.sft_loss): the summed NLL of the chosen-response tokens of the global batch over the number of those
+tokens, so that any number of processes and micro-batches takes the step one process takes on the whole batch.
+Model dropout stays on. Output in --out: an HF checkpoint, metrics.jsonl, train_config.json (written last).
 """
 import argparse
-import os
-import time
 
 import torch
-from tqdm import tqdm
 
 import wlt
+from lib import dist, trainer
+from lib.console import run_main
+from lib.data import pad_id
+from lib.prepare import SFT_LR
 
 
-def role_paths(args) -> dict:
-    run = args.run
-    who = "teacher" if args.teacher else "student"
-    return {"data": os.path.join(run, "data", "labeled.jsonl"), "out": os.path.join(run, who, "sft")}
+def parse_args() -> argparse.Namespace:
+    ap = trainer.argument_parser_for(__doc__, "sft")
+    args, _ = trainer.parse_args(ap, "train_sft.py")
+    if args.lr is None:
+        args.lr = SFT_LR
+    return args
+
+
+def batch_of(exs: list[dict], pad: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    """Prompt + chosen response of each pair: input_ids, attention_mask, labels [B, T] on dev."""
+    return {k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in exs], pad).items()}
+
+
+def held_out_logps(idx: list[int], model, evals: list[dict], pad: int, dev: torch.device) -> torch.Tensor:
+    """[len(idx), 1]: log pi(chosen | prompt) of held-out pairs (for dist.sharded_map)."""
+    return wlt.response_logps(model, **batch_of([evals[i] for i in idx], pad, dev)).unsqueeze(-1)
+
+
+def held_out_loss(model, evals: list[dict], micro: int, pad: int, dev: torch.device, dtype: str) -> float:
+    """Token-mean NLL of the held-out chosen responses, without dropout."""
+    model.eval()
+    with torch.no_grad(), dist.autocast(dev, dtype):
+        logps = dist.sharded_map(len(evals), micro, held_out_logps, model, evals, pad, dev)
+    model.train()
+    return float(-logps.sum() / sum(len(e["chosen_ids"]) for e in evals))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    wlt.add_train_args(ap, "sft")
-    args, _ = wlt.resolve_train_args(ap, "train_sft.py", role_paths)
-    args.lr = args.lr if args.lr is not None else wlt.SFT_LR
-    inputs = wlt.begin(args)
+    args = parse_args()
+    inputs = trainer.begin(args)
     if inputs is None:  # --resume: finished already
         return
 
-    # ---- setup: model on every rank, data, optimizer
-    model, tok, dev, keep = wlt.setup_model(args)
-    train, evals, stats = wlt.load_examples(args, tok, "sft")
-    W = wlt.world_size()
-    micro = args.micro_batch_size or max(1, args.batch_size // W)
-    plan = wlt.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
-    params, opt, sched = wlt.build_optimizer(model, args, len(plan))
-    settings = wlt.checkpoint_settings(args)
-    ckpt, start = wlt.checkpoint_to_resume(args.out, settings, inputs) if args.resume else (None, 0)
-    if ckpt:  # weights, optimizer, scheduler, RNG; the data position is the step (the plan is fixed by the seed)
-        wlt.load_checkpoint(ckpt, model, opt, sched)
-    pad = wlt.pad_id(tok)
-
-    def batch_of(exs):
-        return {k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in exs], pad).items()}
-
-    def eval_nll() -> float:
-        """Token-mean NLL of the held-out chosen responses."""
-        with torch.no_grad(), wlt.autocast(dev, args.dtype):
-            logps = wlt.sharded_map(len(evals), micro, lambda idx: wlt.response_logps(
-                model, **batch_of([evals[i] for i in idx])).unsqueeze(-1))
-        return float(-logps.sum() / sum(len(e["chosen_ids"]) for e in evals))
+    # ---- setup: the same weights on every process (sharded under torchrun), the data, optimizer and plan
+    model, tok, dev, keep = dist.setup_model(args)
+    train, evals, stats = trainer.load_examples(args, tok, "sft")
+    plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
+    loop = trainer.Loop(args, model, plan, inputs, "sft", len(evals))
+    pad = pad_id(tok)
+    model.train()  # SFT keeps the model's own dropout
 
     # ---- loop
-    log = wlt.MetricsLog(args.out, start)
-    model.train()  # SFT keeps the model's own dropout
-    bar = tqdm(range(start, len(plan)), initial=start, total=len(plan), desc="sft", disable=wlt.rank() != 0)
-    t0, seen_tokens = time.time(), 0
-    for step in bar:
-        wlt.fault_point("step", step + 1)
-        batch = plan[step]
-        n_tokens = sum(len(train[i]["chosen_ids"]) for i in batch)  # response tokens of the global batch
-        mbs = wlt.micro_batches(batch, micro)
-        nll_sum = 0.0  # summed NLL of this rank's share, for logging
-        for j, (idx, w) in enumerate(mbs):
-            if W > 1:
-                model.set_requires_gradient_sync(j == len(mbs) - 1)  # reduce-scatter once per step
-            b = batch_of([train[i] for i in idx])
-            with wlt.autocast(dev, args.dtype):
-                logps = wlt.response_logps(model, **b)
-            wts = torch.tensor(w, device=dev)
-            # FSDP2 averages gradients over the W ranks (its default divisor); x W turns that average back
+    for step in loop.steps():
+        n_tokens = sum(len(train[i]["chosen_ids"]) for i in plan[step])  # response tokens of the global batch
+        sums, count, tokens = {"loss": 0.0}, 0.0, 0
+        for idx, w in loop.micro_batches(step):
+            b = batch_of([train[i] for i in idx], pad, dev)
+            with dist.autocast(dev, args.dtype):
+                logps = wlt.response_logps(model, **b)                                  # [B]
+            wts = torch.tensor(w, device=dev)                                           # 0: a padding copy
+            # FSDP2 averages gradients over the W processes (its default divisor); x W turns that average back
             # into the sum over the global batch (x 1 in a single process)
-            loss = wlt.sft_loss(logps * wts, n_tokens) * W
-            loss.backward()
-            nll_sum += float(-(logps.detach() * wts).sum())
-            seen_tokens += int((b["attention_mask"].sum(-1) * (wts > 0)).sum())  # real tokens, all positions
-        totals = wlt.all_reduce_sum(torch.tensor([nll_sum, float(seen_tokens)]))
-        loss_val = float(totals[0]) / n_tokens
-        wlt.stop_if_not_finite("loss", loss_val, step + 1)  # before the update: nothing corrupt reaches the weights
-        grad_norm = wlt.clip_grads(params, args.max_grad_norm)
-        wlt.stop_if_not_finite("gradient norm", grad_norm, step + 1)  # a finite loss can have inf/NaN gradients
-        lr_now = sched.get_last_lr()[0]  # the rate this step uses
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm,
-               "tokens/s": float(totals[1]) / max(1e-9, time.time() - t0)}
-        if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
-            model.eval()
-            row["eval/loss"] = eval_nll()
-            model.train()
-        log.write(row)
-        bar.set_postfix(loss=f"{loss_val:.4f}", **({"eval": f"{row['eval/loss']:.4f}"} if "eval/loss" in row else {}))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan):
-            wlt.save_checkpoint(args.out, model, opt, sched, step + 1, settings, inputs)
-    log.close()
+            (wlt.sft_loss(logps * wts, n_tokens) * dist.world_size()).backward()
+            sums["loss"] += float(-(logps.detach() * wts).sum())                        # summed NLL
+            count += sum(len(train[i]["chosen_ids"]) for i, x in zip(idx, w) if x)      # its response tokens
+            tokens += int((b["attention_mask"].sum(-1) * (wts > 0)).sum())
+        row = loop.update(step, sums, count, tokens)
+        if loop.eval_due(step):
+            row["eval/loss"] = held_out_loss(model, evals, loop.micro, pad, dev, args.dtype)
+        loop.log(row, shown=("loss", "eval/loss"))
+    loop.close()
 
-    # ---- save: full state dict gathered to rank 0 (a collective under FSDP2)
-    stats["memory"] = wlt.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
-    sd = wlt.full_state_dict(model)
-    if wlt.rank() == 0:
-        wlt.save_hf_checkpoint(args.out, sd, model, tok, keep)
-        wlt.log(f"saved {args.out}")
-    wlt.finish(args, stats, inputs)
+    # ---- save: the full state dict gathered to rank 0, an HF checkpoint, then train_config.json
+    trainer.save_final(args, model, tok, keep, loop.opt, stats, inputs)
 
 
 if __name__ == "__main__":
-    wlt.run_main(main)
+    run_main(main)

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import wlt  # noqa: E402
+from lib import dist, estimate  # noqa: E402
 
 
 def rss(key: str) -> int:
@@ -27,7 +28,7 @@ def rss(key: str) -> int:
 def main():
     cfg_path, kind, lora, micro, L, ac = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
     from transformers import AutoModelForCausalLM
-    cfg = wlt.model_config(cfg_path)
+    cfg = estimate.model_config(cfg_path)
     torch.manual_seed(0)
     torch.randn(64, 64) @ torch.randn(64, 64)  # libraries loaded before the baseline
     with open("/proc/self/clear_refs", "w") as f:
@@ -37,7 +38,7 @@ def main():
     if lora:
         wlt.add_lora(model, lora, 2.0 * lora)
     if ac:
-        wlt.enable_activation_checkpointing(model)
+        dist.enable_activation_checkpointing(model)
     model.train() if kind == "sft" else model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

@@ -12,7 +12,7 @@ from conftest import ROOT, run_script
 
 def test_tiny_run_prints_the_table(tmp_path):
     out = str(tmp_path / "bench.json")
-    p = run_script(os.path.join(ROOT, "bench.py"), "--model", "tiny", "--tasks", "label,dpo", "--pairs", "8",
+    p = run_script(os.path.join(ROOT, "extras", "bench.py"), "--model", "tiny", "--tasks", "label,dpo", "--pairs", "8",
                    "--label-batch", "4", "--dpo-batch", "2", "--dpo-steps", "1", "--json", out)
     assert "| labeling pairs/s |" in p.stdout and "| DPO step seconds |" in p.stdout
     res = json.load(open(out))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import wlt
+from lib import commands, console, data, synthetic
 from conftest import ROOT, SHARED_HH, make_bpe_tokenizer, run_script
 
 A = "\n\nAssistant:"
@@ -49,7 +50,7 @@ def test_split_hh_real_rows_reproduce_both_dialogues():
     assert len(rows) == 200
     with_turns = 0
     for i, r in enumerate(rows, 1):
-        prompt, c, rj = wlt.split_hh(r["chosen"], r["rejected"])
+        prompt, c, rj = data.split_hh(r["chosen"], r["rejected"])
         assert prompt + c == r["chosen"], i
         assert prompt + rj == r["rejected"], i
         assert prompt.endswith(A), i
@@ -83,7 +84,7 @@ P = "\n\nHuman: Can you help me bake bread?" + A + " Sure, what kind?\n\nHuman: 
 ])
 def test_split_hh_hand_made(chosen_resp, rejected_resp, prompt_extra):
     chosen, rejected = P + chosen_resp, P + rejected_resp
-    prompt, c, r = wlt.split_hh(chosen, rejected)
+    prompt, c, r = data.split_hh(chosen, rejected)
     assert prompt == P + prompt_extra
     assert c == chosen_resp[len(prompt_extra):]
     assert r == rejected_resp[len(prompt_extra):]
@@ -92,13 +93,13 @@ def test_split_hh_hand_made(chosen_resp, rejected_resp, prompt_extra):
 
 def test_split_hh_errors():
     with pytest.raises(ValueError):
-        wlt.split_hh(P + " same", P + " same")
+        data.split_hh(P + " same", P + " same")
     with pytest.raises(ValueError):  # no marker at all
-        wlt.split_hh("\n\nHuman: hi there", "\n\nHuman: hello")
+        data.split_hh("\n\nHuman: hi there", "\n\nHuman: hello")
     with pytest.raises(ValueError):  # marker only after the shared prefix
-        wlt.split_hh("\n\nHuman: hi" + A + " x", "\n\nHuman: ho" + A + " x")
+        data.split_hh("\n\nHuman: hi" + A + " x", "\n\nHuman: ho" + A + " x")
     with pytest.raises(ValueError):  # the shared prefix stops inside the only marker
-        wlt.split_hh("\n\nHuman: hi\n\nAssistant: x", "\n\nHuman: hi\n\nAssist: x")
+        data.split_hh("\n\nHuman: hi\n\nAssistant: x", "\n\nHuman: hi\n\nAssist: x")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -110,11 +111,11 @@ GOOD = {"prompt": "\n\nHuman: hi" + A, "chosen": " hello", "rejected": " go away
 def test_read_pairs_malformed_json_names_file_and_line(tmp_path):
     path = write_jsonl(str(tmp_path / "bad.jsonl"), [GOOD, "", '{"prompt": "x", "chosen": '])
     with pytest.raises(wlt.WltError) as e:
-        wlt.read_pairs(path)
+        data.read_pairs(path)
     assert f"{path}:3" in str(e.value)
     path2 = write_jsonl(str(tmp_path / "list.jsonl"), [GOOD, "[1, 2]"])
     with pytest.raises(wlt.WltError) as e:
-        wlt.read_pairs(path2)
+        data.read_pairs(path2)
     assert f"{path2}:2" in str(e.value)
 
 
@@ -135,8 +136,8 @@ def test_read_pairs_skips_are_counted_with_locations(tmp_path):
     hh = {"chosen": "\n\nHuman: p" + A + " a", "rejected": "\n\nHuman: p" + A + " b"}
     lines = [GOOD] + [BAD_ROWS[n][0] for n in names] + [ws, "", hh]
     path = write_jsonl(str(tmp_path / "mixed.jsonl"), lines)
-    skips = wlt.Skips()
-    pairs = wlt.read_pairs(path, skips)
+    skips = data.Skips()
+    pairs = data.read_pairs(path, skips)
     assert pairs == [GOOD, ws, {"prompt": "\n\nHuman: p" + A, "chosen": " a", "rejected": " b"}]
     assert skips.total() == len(names)
     located = {loc: reason for reason, locs in skips.where.items() for loc in locs}
@@ -150,36 +151,36 @@ def test_read_pairs_skips_are_counted_with_locations(tmp_path):
 @pytest.mark.parametrize("name", list(BAD_ROWS))
 def test_read_pairs_strict_raises_on_skip(tmp_path, name):
     path = write_jsonl(str(tmp_path / f"{name}.jsonl"), [GOOD, BAD_ROWS[name][0]])
-    assert len(wlt.read_pairs(path, wlt.Skips())) == 1
+    assert len(data.read_pairs(path, data.Skips())) == 1
     with pytest.raises(wlt.WltError) as e:
-        wlt.read_pairs(path, wlt.Skips(strict=True))
+        data.read_pairs(path, data.Skips(strict=True))
     assert f"{path}:2" in str(e.value)
 
 
 def test_read_pairs_keeps_whitespace_only_response_under_strict(tmp_path):
     row = {"prompt": "p" + A, "chosen": " ", "rejected": " b"}
     path = write_jsonl(str(tmp_path / "ws.jsonl"), [row])
-    assert wlt.read_pairs(path, wlt.Skips(strict=True)) == [row]
+    assert data.read_pairs(path, data.Skips(strict=True)) == [row]
 
 
 def test_row_to_pair_layouts():
-    skips = wlt.Skips(strict=True)
+    skips = data.Skips(strict=True)
     # pair form: unchanged, extra fields a producer added are kept
     row = dict(GOOD, chosen_reward=0.5)
-    assert wlt.row_to_pair(row, "x:1", skips) == row
+    assert data.row_to_pair(row, "x:1", skips) == row
     # TL;DR layout: the summary goes on its own line after the post
     post = "SUBREDDIT: r/cooking\nTITLE: bread\nPOST: My bread never rises."
     tldr = {"prompt": post, "chosen": "TL;DR: yeast was dead", "rejected": "TL;DR: bread"}
-    assert wlt.row_to_pair(tldr, "x:2", skips) == dict(tldr, prompt=post + "\n")
+    assert data.row_to_pair(tldr, "x:2", skips) == dict(tldr, prompt=post + "\n")
     for ending in ("\n", " "):  # already ends with whitespace: untouched
         r = dict(tldr, prompt=post + ending)
-        assert wlt.row_to_pair(r, "x:3", skips)["prompt"] == post + ending
+        assert data.row_to_pair(r, "x:3", skips)["prompt"] == post + ending
     # not TL;DR: no newline added
     r = {"prompt": "Question: why", "chosen": "because", "rejected": "no"}
-    assert wlt.row_to_pair(r, "x:4", skips)["prompt"] == "Question: why"
+    assert data.row_to_pair(r, "x:4", skips)["prompt"] == "Question: why"
     # Dahoas/full-hh-rlhf: prompt/response/chosen/rejected; "response" is not carried along
     d = {"prompt": "\n\nHuman: hi" + A, "response": " hello", "chosen": " hello", "rejected": " bye"}
-    assert wlt.row_to_pair(d, "x:5", skips) == {"prompt": d["prompt"], "chosen": " hello", "rejected": " bye"}
+    assert data.row_to_pair(d, "x:5", skips) == {"prompt": d["prompt"], "chosen": " hello", "rejected": " bye"}
 
 
 def test_read_pairs_gz(tmp_path):
@@ -187,7 +188,7 @@ def test_read_pairs_gz(tmp_path):
     path = write_jsonl(str(tmp_path / "pairs.jsonl.gz"), [GOOD, hh], gz=True)
     with open(path, "rb") as f:
         assert f.read(2) == b"\x1f\x8b"  # really gzip
-    assert wlt.read_pairs(path) == [GOOD, {"prompt": "\n\nHuman: p" + A, "chosen": " a", "rejected": " b"}]
+    assert data.read_pairs(path) == [GOOD, {"prompt": "\n\nHuman: p" + A, "chosen": " a", "rejected": " b"}]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,8 +210,8 @@ def test_load_source_hub_layout_folder(tmp_path, capsys):
     write_jsonl(str(root / "red-team-attempts" / "train.jsonl.gz"),
                 [{"transcript": "\n\nHuman: x" + A + " y", "min_harmlessness_score_transcript": 0.1}], gz=True)
     write_jsonl(str(root / "README.jsonl"), [{"chosen": "not", "rejected": "a split file"}])  # not train*/test*
-    skips = wlt.Skips(strict=True)
-    out = wlt.load_source(str(root), skips)
+    skips = data.Skips(strict=True)
+    out = data.load_source(str(root), skips)
     want_train = {(f"\n\nHuman: question {i}?{A}", c, r)
                   for i, c, r in [(0, " yes", " no"), (1, " yes", " no"), (2, " yes", " no"),
                                   (20, " sure", " never"), (21, " sure", " never")]}
@@ -228,7 +229,7 @@ def test_load_source_dahoas_layout(tmp_path):
                 for i in range(lo, hi)]
     write_jsonl(str(root / "train-00000-of-00001.jsonl"), rows(0, 4))
     write_jsonl(str(root / "test-00000-of-00001.jsonl"), rows(4, 6))
-    out = wlt.load_source(str(tmp_path / "full-hh-rlhf"), wlt.Skips(strict=True))
+    out = data.load_source(str(tmp_path / "full-hh-rlhf"), data.Skips(strict=True))
     strip = lambda d: {k: v for k, v in d.items() if k != "response"}
     assert out["train"] == [strip(r) for r in rows(0, 4)]
     assert out["test"] == [strip(r) for r in rows(4, 6)]
@@ -236,12 +237,12 @@ def test_load_source_dahoas_layout(tmp_path):
 
 def test_load_source_single_file_is_all_train_and_errors(tmp_path):
     path = write_jsonl(str(tmp_path / "pairs.jsonl"), [GOOD])
-    assert wlt.load_source(path, wlt.Skips()) == {"train": [GOOD], "test": []}
+    assert data.load_source(path, data.Skips()) == {"train": [GOOD], "test": []}
     with pytest.raises(wlt.WltError):
-        wlt.load_source(str(tmp_path / "nope"), wlt.Skips())
+        data.load_source(str(tmp_path / "nope"), data.Skips())
     (tmp_path / "empty").mkdir()
     with pytest.raises(wlt.WltError):
-        wlt.load_source(str(tmp_path / "empty"), wlt.Skips())
+        data.load_source(str(tmp_path / "empty"), data.Skips())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -265,19 +266,19 @@ def test_tokenize_pairs_joint_convention(bpe_tokenizer):
         {"prompt": "sort: 7 3 9 1 =>", "chosen": " 1 3 7 9", "rejected": " 9 7 3 1"},
         {"prompt": "Human: hi" + A, "chosen": " ", "rejected": " ok"},  # whitespace-only response has a token
     ]
-    toks, fallbacks = wlt.tokenize_pairs(tok, pairs)
+    toks, fallbacks = data.tokenize_pairs(tok, pairs)
     assert fallbacks == 0
     assert len(toks) == len(pairs)
     check_convention(tok, pairs, toks)
     assert len(toks[2]["chosen_ids"]) >= 2
     # chunking does not change anything
-    assert wlt.tokenize_pairs(tok, pairs, batch=2) == (toks, 0)
+    assert data.tokenize_pairs(tok, pairs, batch=2) == (toks, 0)
 
 
 def test_tokenize_pairs_real_hh_rows_need_no_fallback(bpe_tokenizer):
     rows = shared_hh_rows()
-    pairs = [wlt.row_to_pair(r, f"hh:{i}", wlt.Skips(strict=True)) for i, r in enumerate(rows, 1)]
-    toks, fallbacks = wlt.tokenize_pairs(bpe_tokenizer, pairs)
+    pairs = [data.row_to_pair(r, f"hh:{i}", data.Skips(strict=True)) for i, r in enumerate(rows, 1)]
+    toks, fallbacks = data.tokenize_pairs(bpe_tokenizer, pairs)
     assert fallbacks == 0
     check_convention(bpe_tokenizer, pairs, toks)
 
@@ -298,18 +299,18 @@ def test_tokenize_pairs_fallback_is_taken_and_counted(bpe_tokenizer):
     other = " " + resp  # starts with its own space: the prompt's trailing space stays a token of its own
     n = len(tok(prompt).input_ids)
     assert tok(prompt + other).input_ids[:n] == tok(prompt).input_ids  # precondition: no fallback for this one
-    toks, fallbacks = wlt.tokenize_pairs(tok, [{"prompt": prompt, "chosen": resp, "rejected": other}])
+    toks, fallbacks = data.tokenize_pairs(tok, [{"prompt": prompt, "chosen": resp, "rejected": other}])
     assert fallbacks == 1
     (t,) = toks
     assert t["prompt_ids"] == tok(prompt).input_ids
     assert t["chosen_ids"] == tok(resp, add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert t["prompt_ids"] + t["rejected_ids"][:-1] == tok(prompt + other).input_ids
-    toks, fallbacks = wlt.tokenize_pairs(tok, [{"prompt": prompt, "chosen": resp, "rejected": resp + "!"}] * 3)
+    toks, fallbacks = data.tokenize_pairs(tok, [{"prompt": prompt, "chosen": resp, "rejected": resp + "!"}] * 3)
     assert fallbacks == 6
 
 
 def test_tokenize_pairs_empty_response_gives_empty_ids(bpe_tokenizer):
-    toks, _ = wlt.tokenize_pairs(bpe_tokenizer, [{"prompt": "Human: hi" + A, "chosen": "", "rejected": " ok"}])
+    toks, _ = data.tokenize_pairs(bpe_tokenizer, [{"prompt": "Human: hi" + A, "chosen": "", "rejected": " ok"}])
     assert toks[0]["chosen_ids"] == []
     assert toks[0]["rejected_ids"][-1] == bpe_tokenizer.eos_token_id
 
@@ -320,7 +321,7 @@ def test_tokenize_pairs_without_eos_is_an_error():
     if tok.eos_token_id is not None:
         pytest.skip("this transformers version does not let a test unset the EOS token")
     with pytest.raises(wlt.WltError):
-        wlt.tokenize_pairs(tok, [GOOD])
+        data.tokenize_pairs(tok, [GOOD])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -330,12 +331,12 @@ def test_tokenize_pairs_without_eos_is_an_error():
 def test_fit_pair_truncates_prompt_from_the_left():
     ex = {"prompt_ids": [1, 10, 11, 12, 13, 14], "chosen_ids": [20, 21, 2], "rejected_ids": [30, 31, 32, 33, 2]}
     orig = json.loads(json.dumps(ex))
-    assert wlt.fit_pair(ex, 11) == ex  # 6 + 5 fits exactly
-    got = wlt.fit_pair(ex, 8)  # longest response 5 -> 3 prompt tokens, the last ones
+    assert data.fit_pair(ex, 11) == ex  # 6 + 5 fits exactly
+    got = data.fit_pair(ex, 8)  # longest response 5 -> 3 prompt tokens, the last ones
     assert got == {"prompt_ids": [12, 13, 14], "chosen_ids": [20, 21, 2], "rejected_ids": [30, 31, 32, 33, 2]}
-    assert wlt.fit_pair(ex, 6)["prompt_ids"] == [14]
-    assert wlt.fit_pair(ex, 5) is None  # the response alone fills max_len
-    assert wlt.fit_pair(ex, 3) is None
+    assert data.fit_pair(ex, 6)["prompt_ids"] == [14]
+    assert data.fit_pair(ex, 5) is None  # the response alone fills max_len
+    assert data.fit_pair(ex, 3) is None
     assert ex == orig  # the input is not modified
 
 
@@ -391,7 +392,7 @@ def small_bpe_dir(tmp_path_factory):
 
 def prepare_inproc(monkeypatch, *argv):
     monkeypatch.setattr(sys, "argv", ["wlt.py", "prepare", *argv])
-    wlt.main()
+    commands.cli()
     out = argv[argv.index("--out") + 1]
     parts = {n: read_rows(os.path.join(out, "data", f"{n}.jsonl")) for n in ("labeled", "unlabeled", "test")}
     return json.load(open(os.path.join(out, "config.json"))), parts
@@ -486,34 +487,34 @@ def test_synthetic_run_defaults(synthetic_run):
     assert cfg["train"]["train_dpo.py"]["teacher"]["beta"] == 0.5
     # labeled + unlabeled are exactly the generated pairs, in their human order (no flips, no losses)
     w = cfg["synthetic"]
-    gen = wlt.make_synthetic_pairs(w["num_pairs"], cfg["seed"], tau=w["tau"], min_digits=w["min_digits"],
+    gen = synthetic.make_pairs(w["num_pairs"], cfg["seed"], tau=w["tau"], min_digits=w["min_digits"],
                                    max_digits=w["max_digits"], max_corruptions=w["max_corruptions"])
     assert sorted(key(r) for r in parts["labeled"] + parts["unlabeled"]) == sorted(key(r) for r in gen)
     for r in parts["unlabeled"][:50]:
-        assert r["gold_chosen"] == wlt.gold_reward(r["prompt"], r["chosen"])
-        assert r["gold_rejected"] == wlt.gold_reward(r["prompt"], r["rejected"])
+        assert r["gold_chosen"] == synthetic.gold_reward(r["prompt"], r["chosen"])
+        assert r["gold_rejected"] == synthetic.gold_reward(r["prompt"], r["rejected"])
 
 
 def test_gold_reward_hand_computed():
     p = "sort: 3 1 2 =>"
-    assert wlt.gold_reward(p, " 1 2 3") == 1.0
-    assert math.isclose(wlt.gold_reward(p, " 1 3 2"), 1 / 3)
-    assert math.isclose(wlt.gold_reward(p, " 1 2"), 2 / 3 - 0.1)
-    assert math.isclose(wlt.gold_reward(p, " 1 2 3 3"), 1.0 - 0.1)
-    assert math.isclose(wlt.gold_reward(p, " 3 2 1"), 1 / 3)
-    assert math.isclose(wlt.gold_reward(p, ""), -0.3)
-    assert math.isclose(wlt.gold_reward("sort: 7 3 9 1 =>", " 1 3 7 9"), 1.0)
+    assert synthetic.gold_reward(p, " 1 2 3") == 1.0
+    assert math.isclose(synthetic.gold_reward(p, " 1 3 2"), 1 / 3)
+    assert math.isclose(synthetic.gold_reward(p, " 1 2"), 2 / 3 - 0.1)
+    assert math.isclose(synthetic.gold_reward(p, " 1 2 3 3"), 1.0 - 0.1)
+    assert math.isclose(synthetic.gold_reward(p, " 3 2 1"), 1 / 3)
+    assert math.isclose(synthetic.gold_reward(p, ""), -0.3)
+    assert math.isclose(synthetic.gold_reward("sort: 7 3 9 1 =>", " 1 3 7 9"), 1.0)
 
 
 def test_bradley_terry_human_labels():
     def agree(tau):
-        rows = wlt.make_synthetic_pairs(3000, seed=1, tau=tau)
+        rows = synthetic.make_pairs(3000, seed=1, tau=tau)
         assert len(rows) == 3000
         assert all(r["gold_chosen"] != r["gold_rejected"] for r in rows)
         return sum(r["gold_chosen"] > r["gold_rejected"] for r in rows) / len(rows)
     assert 0.65 <= agree(0.3) <= 0.90
     assert agree(0.01) >= 0.995
-    assert wlt.make_synthetic_pairs(20, seed=3) == wlt.make_synthetic_pairs(20, seed=3)
+    assert synthetic.make_pairs(20, seed=3) == synthetic.make_pairs(20, seed=3)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ def run_main_inproc(monkeypatch, capsys, *argv):
     monkeypatch.setattr(sys, "argv", ["wlt.py", "prepare", *argv])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        wlt.run_main(wlt.main)
+        console.run_main(commands.cli)
     err = capsys.readouterr().err
     assert e.value.code == 1
     lines = [l for l in err.splitlines() if l.strip()]
@@ -573,7 +574,7 @@ def test_synthetic_test_prompts_are_not_training_prompts(synthetic_run):
     train = {r["prompt"] for n in ("labeled", "unlabeled") for r in read(n)}
     test = [r["prompt"] for r in read("test")]
     assert len(test) == 100 and not train & set(test)
-    rows = wlt.make_synthetic_pairs(50, seed=5, exclude={"sort: 1 2 3 =>"} | set(test))
+    rows = synthetic.make_pairs(50, seed=5, exclude={"sort: 1 2 3 =>"} | set(test))
     assert not {r["prompt"] for r in rows} & (set(test) | {"sort: 1 2 3 =>"})
 
 

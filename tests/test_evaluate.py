@@ -13,6 +13,7 @@ from conftest import FAMILIES, ROOT, make_rm, run_script
 
 import evaluate as ev
 import wlt
+from lib import data, synthetic
 
 EVAL = os.path.join(ROOT, "evaluate.py")
 
@@ -56,7 +57,7 @@ def test_cached_left_padded_generation_equals_naive(family, tiny_model_dir):
     texts = ["Human: How do I bake bread at home? Assistant:", "sort: 7 3 9 1 =>", "The quick brown fox jumps over",
              "TL;DR:"]
     prompts = [tok(t).input_ids for t in texts]  # different lengths: left padding is exercised
-    got = ev.generate(model, prompts, [0] * 4, tok.eos_token_id, wlt.pad_id(tok), 0.0, 12, torch.device("cpu"), "fp32")
+    got = ev.generate(model, prompts, [0] * 4, tok.eos_token_id, data.pad_id(tok), 0.0, 12, torch.device("cpu"), "fp32")
     for p, g in zip(prompts, got):
         assert g == naive_greedy(model, p, tok.eos_token_id, 12)
 
@@ -67,7 +68,7 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [tok(t).input_ids for t in ["Human: hi Assistant:", "sort: 7 3 =>", "The quick brown", "TL;DR: keep"]]
-    args = (tok.eos_token_id, wlt.pad_id(tok), 1.0, 10, torch.device("cpu"), "fp32")
+    args = (tok.eos_token_id, data.pad_id(tok), 1.0, 10, torch.device("cpu"), "fp32")
     together = ev.generate(model, prompts, [5, 6, 7, 8], *args)
     alone = [ev.generate(model, [p], [s], *args)[0] for p, s in zip(prompts, [5, 6, 7, 8])]
     assert together == alone
@@ -140,7 +141,7 @@ def test_synthetic_run_end_to_end(synthetic_run, tmp_path):
     write_jsonl(os.path.join(run, "data", "weak.summary.json"), [{}])  # label.py's completion marker
     m = os.path.join(run, "models")
     out = str(tmp_path / "eval")
-    cmd = [EVAL, "--run", run, "--out", out, "--num-prompts", "24", "--max-new-tokens", "6", "--batch-size", "5",
+    cmd = [EVAL, "--run-dir", run, "--out", out, "--num-prompts", "24", "--max-new-tokens", "6", "--batch-size", "5",
            "--policy", f"base={m}/student-base", "--policy", f"sft={m}/teacher-base",
            "--policy", f"human={m}/student-base", "--policy", f"weak={m}/teacher-base"]
     p = run_script(*cmd)
@@ -150,7 +151,7 @@ def test_synthetic_run_end_to_end(synthetic_run, tmp_path):
     test = read_jsonl(os.path.join(run, "data", "test.jsonl"))
     for g in gens:
         assert g["prompt"] == test[g["index"]]["prompt"]
-        assert g["gold"] == wlt.gold_reward(g["prompt"], g["response"])
+        assert g["gold"] == synthetic.gold_reward(g["prompt"], g["response"])
     # same model, same per-prompt seeds -> same samples
     by = {(g["policy"], g["index"]): g["response"] for g in gens}
     assert all(by[("base", i)] == by[("human", i)] and by[("sft", i)] == by[("weak", i)] for i in range(24))
@@ -210,7 +211,7 @@ def test_gold_reward_model_end_to_end(kind, tiny_model_dir, tmp_path):
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump({"source": "hh-rlhf", "student_model": tiny_model_dir("opt")}, f)
     out = str(tmp_path / "eval")
-    run_script(EVAL, "--run", run, "--out", out, "--gold-rm", rm, "--max-new-tokens", "5", "--rm-batch-size", "2",
+    run_script(EVAL, "--run-dir", run, "--out", out, "--gold-rm", rm, "--max-new-tokens", "5", "--rm-batch-size", "2",
                "--analysis-pairs", "4", "--policy", f"base={tiny_model_dir('opt')}", "--policy", f"sft={tiny_model_dir('gpt2')}")
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["setup"]["gold"] == f"{rm} ({kind[:4]} format)"

@@ -25,7 +25,7 @@ def done(tmp_path_factory):
     d = tmp_path_factory.mktemp("experiments")
     server = StandIn("sorted")
     base, root = str(d / "base"), str(d / "exp")
-    p = run_script(os.path.join(ROOT, "experiments.py"), "all", "--base", base, "--root", root, "--fractions", "0.5",
+    p = run_script(os.path.join(ROOT, "extras", "experiments.py"), "all", "--base", base, "--root", root, "--fractions", "0.5",
                    "--seeds", "22", "--betas", "0.5,1.0", "--teachers", "1x32", "--judge", server.url,
                    "--judge-model", "stand-in", env={**TINY, "WLT_JUDGE_API_KEY": KEY})
     server.close()

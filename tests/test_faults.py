@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silent: runs killed with SIGKILL at exact places (WLT_FAULT, wlt.fault_point) and
+"""Nothing lost, nothing silent: runs killed with SIGKILL at exact places (tests/inject.py, from outside) and
 rerun must end with the outputs of an uninterrupted run; a NaN loss stops before the update; bad input is a
 one-line error naming file:line."""
 import json
@@ -14,6 +14,7 @@ from conftest import ROOT, run_script, torchrun
 SFT = os.path.join(ROOT, "train_sft.py")
 DPO = os.path.join(ROOT, "train_dpo.py")
 LABEL = os.path.join(ROOT, "label.py")
+INJECT = os.path.join(ROOT, "tests", "inject.py")
 EVAL = os.path.join(ROOT, "evaluate.py")
 KILLED = -signal.SIGKILL
 
@@ -37,7 +38,7 @@ def test_dpo_killed_then_resumed_equals_uninterrupted(synthetic_run, tmp_path):
             "--save-every", "2", "--lora-dropout", "0.2", "--lr", "1e-2", "--eval-pairs", "0"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(DPO, *args, "--out", full)
-    p = run_script(DPO, *args, "--out", cut, env={"WLT_FAULT": "step:5"}, check=False)
+    p = run_script(INJECT, "step:5", DPO, *args, "--out", cut, check=False)
     assert p.returncode == KILLED
     assert not os.path.exists(os.path.join(cut, "train_config.json"))  # not finished, and does not look it
     assert torch.load(os.path.join(cut, "checkpoint", "state.pt"), weights_only=True)["step"] == 4
@@ -56,7 +57,7 @@ def test_checkpoint_of_other_settings_is_not_used(synthetic_run, tmp_path):
     args = ["--model", os.path.join(synthetic_run, "models", "teacher-base"), "--data",
             os.path.join(synthetic_run, "data", "labeled.jsonl"), "--max-steps", "4", "--batch-size", "8",
             "--save-every", "2", "--eval-pairs", "0", "--out", str(tmp_path / "o")]
-    p = run_script(SFT, *args, env={"WLT_FAULT": "step:4"}, check=False)
+    p = run_script(INJECT, "step:4", SFT, *args, check=False)
     assert p.returncode == KILLED
     p = run_script(SFT, *args, "--lr", "1e-3", "--resume")
     assert "made with other settings" in p.stdout and "resumed from" not in p.stdout
@@ -70,7 +71,7 @@ def test_sft_two_processes_killed_then_resumed(synthetic_run, tmp_path):
             "--save-every", "2", "--eval-pairs", "0", "--lr", "1e-2"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     torchrun(2, SFT, *args, "--out", full)
-    p = torchrun(2, SFT, *args, "--out", cut, env={"WLT_FAULT": "step:4", "WLT_FAULT_RANK": "1"}, check=False)
+    p = torchrun(2, INJECT, "step:4@1", SFT, *args, "--out", cut, check=False)
     assert p.returncode != 0 and not os.path.exists(os.path.join(cut, "train_config.json"))
     p = torchrun(2, SFT, *args, "--out", cut, "--resume")
     assert "at step 2" in p.stdout
@@ -99,7 +100,7 @@ def test_label_killed_then_resumed(synthetic_run, tmp_path):
     args = ["--model", f"{m}/student-base", "--ref", f"{m}/teacher-base", "--data", data, "--batch-size", "4"]
     full, cut = str(tmp_path / "full.jsonl"), str(tmp_path / "cut.jsonl")
     run_script(LABEL, *args, "--out", full)
-    p = run_script(LABEL, *args, "--out", cut, env={"WLT_FAULT": "batch:3"}, check=False)
+    p = run_script(INJECT, "batch:3", LABEL, *args, "--out", cut, check=False)
     assert p.returncode == KILLED and not os.path.exists(cut)
     assert len(read_jsonl(os.path.join(cut + ".partial", "rank-0.jsonl"))) == 3
     p = run_script(LABEL, *args, "--out", cut)
@@ -110,7 +111,7 @@ def test_label_killed_then_resumed(synthetic_run, tmp_path):
     assert s["resumed_pairs"] == 12 and s["labeled"] == 40  # pairs/s counts the 28 labeled by this run only
     # a cut last line (a kill in the middle of a write) is skipped, not fatal
     os.remove(cut)
-    p = run_script(LABEL, *args, "--out", cut, env={"WLT_FAULT": "batch:2"}, check=False)
+    p = run_script(INJECT, "batch:2", LABEL, *args, "--out", cut, check=False)
     assert p.returncode == KILLED
     with open(os.path.join(cut + ".partial", "rank-0.jsonl"), "a") as f:
         f.write('{"k": "label:9", "v": [[1, ')
@@ -121,11 +122,11 @@ def test_label_killed_then_resumed(synthetic_run, tmp_path):
 
 def test_evaluate_killed_then_resumed(synthetic_run, tmp_path):
     m = os.path.join(synthetic_run, "models")
-    args = ["--run", synthetic_run, "--num-prompts", "20", "--max-new-tokens", "5", "--batch-size", "4",
+    args = ["--run-dir", synthetic_run, "--num-prompts", "20", "--max-new-tokens", "5", "--batch-size", "4",
             "--policy", f"a={m}/teacher-base", "--policy", f"b={m}/student-base"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     run_script(EVAL, *args, "--out", full)
-    p = run_script(EVAL, *args, "--out", cut, env={"WLT_FAULT": "batch:7"}, check=False)  # inside policy b
+    p = run_script(INJECT, "batch:7", EVAL, *args, "--out", cut, check=False)  # inside policy b
     assert p.returncode == KILLED and not os.path.exists(os.path.join(cut, "results.json"))
     p = run_script(EVAL, *args, "--out", cut)
     assert "resuming with 7" in p.stdout
@@ -142,7 +143,8 @@ def test_malformed_lines_are_one_line_errors(synthetic_run, tmp_path):
         p = run_script(script, "--model", m, "--data", data, "--out", str(tmp_path / "o"), *extra, check=False)
         assert p.returncode == 1 and f"{data}:2: not valid JSON" in p.stderr and "Traceback" not in p.stderr, script
     import wlt
+    from lib.data import read_pairs
     with open(data, "w") as f:
         f.write('["a list"]\n')
     with pytest.raises(wlt.WltError, match=f"{data}:1: expected a JSON object"):
-        wlt.read_pairs(data)
+        read_pairs(data)

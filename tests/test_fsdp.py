@@ -2,7 +2,7 @@
 
 Each case trains the same tiny model on the same pairs twice: once with plain `python` and once under
 `torchrun --nproc_per_node 2`, with different --micro-batch-size settings, and compares the per-step metrics
-in metrics.jsonl and the saved weights. DESIGN.md, "Clarifications / Loss reduction": SFT = summed
+in metrics.jsonl and the saved weights. The loss reduction (docs/training.md): SFT = summed
 response-token NLL over the global batch / its token count, DPO = mean over the pairs of the global batch,
 so any number of ranks and any micro-batching gives the same step.
 
@@ -53,12 +53,12 @@ def write_pairs(path: str, n: int, seed: int) -> str:
 # Global batch 8 everywhere. Batch plans (eval slice = min(--eval-pairs, pairs // 10)):
 #   21 train pairs -> batches 8, 8, 5; 27 train -> 8, 8, 8, 3. A final odd batch split over 2 ranks leaves
 #   rank 1 a micro-batch short with micro 2 (5 = 3 + 2 items) and micro 1 (3 = 2 + 1): the weight-0 padding
-#   of wlt.micro_batches runs (checked in test_padding_path_is_exercised).
+#   of dist.micro_batches runs (checked in test_padding_path_is_exercised).
 CASES = {
     # SFT full fine-tune, Llama: 1 proc no accumulation vs 2 procs x 4 micro-batches of 2 (+ padding)
     "sft-llama": (SFT, "llama", 21, ["--eval-pairs", "0", "--lr", "2e-3"], 8, 2),
     # SFT, OPT: accumulation on both sides (1 proc 3+3+2), held-out eval/loss every step through
-    # wlt.sharded_map with 3 items over 2 ranks (padded)
+    # dist.sharded_map with 3 items over 2 ranks (padded)
     "sft-opt": (SFT, "opt", 30, ["--eval-pairs", "3", "--eval-every", "1", "--lr", "2e-3"], 3, None),
     # DPO with LoRA rank 8 (default) on GPT-2 (Conv1D, tied head): 1 proc 3+3+2 vs 2 procs micro 1 (+ padding),
     # held-out DPO metrics every step
@@ -142,13 +142,13 @@ def finished(launches, name):
 
 def test_padding_path_is_exercised(monkeypatch):
     """The case sizes above really give rank 1 a weight-0 padding micro-batch in the last global batch."""
-    import wlt
+    from lib import dist, trainer
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     for n_train, micro in [(21, 2), (27, 1)]:
-        last = wlt.batch_plan(n_train, 8, 1, SEED)[-1]
+        last = trainer.batch_plan(n_train, 8, 1, SEED)[-1]
         assert len(last) % 2 == 1
-        assert any(w == [0.0] for _, w in wlt.micro_batches(last, micro)), (n_train, micro)
+        assert any(w == [0.0] for _, w in dist.micro_batches(last, micro)), (n_train, micro)
 
 
 SFT_KEYS = ["loss", "grad_norm", "lr"]

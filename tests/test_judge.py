@@ -12,6 +12,7 @@ import pytest
 
 import judge
 import wlt
+from lib import models, runs
 
 KEY = "sk-test-not-a-real-key-1234"
 
@@ -104,7 +105,7 @@ def test_label_with_an_api_judge(server, tmp_path, monkeypatch):
     assert s["ties_position_bias"] == 0 and s["consistency"] == 1.0
     assert len(server.requests) == 2 * len(rows)  # both orders of every pair
     assert server.keys == {f"Bearer {KEY}"}
-    for f in (out, wlt.summary_path(out)):  # the key is sent, never written
+    for f in (out, runs.summary_path(out)):  # the key is sent, never written
         assert KEY not in open(f).read()
     assert server.requests[0]["model"] == "stand-in"
     assert judge.JUDGE_SYSTEM == server.requests[0]["messages"][0]["content"]
@@ -162,7 +163,7 @@ def test_local_chat_model_judge(tiny_model_dir, tmp_path, bpe_tokenizer):
     import shutil
     d = str(tmp_path / "chat")
     shutil.copytree(tiny_model_dir("llama"), d)
-    tok = wlt.load_tokenizer(d)
+    tok = models.load_tokenizer(d)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     tok.save_pretrained(d)
     j = judge.make_judge(d)

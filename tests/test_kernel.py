@@ -1,6 +1,6 @@
 """The memory-lean log-prob kernel (wlt.response_logps, wlt.token_logps) and prompt sharing (wlt.pair_logps).
 
-Every family DESIGN.md names is built tiny from its config, with random non-zero biases, and compared with a
+Every family the kernel knows (wlt.HEAD_POST) is built tiny from its config, with random non-zero biases, and compared with a
 naive reference: the whole padded batch through the model in float64, a full log_softmax over the vocabulary,
 gather. Values, and gradients of every parameter, must agree; so must the shared-prompt path (the prompt run
 once, its KV cache serving both responses) with the plain one. The memory claim is checked directly: no
@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wlt
+from lib import data
 
 IGNORE = wlt.IGNORE
 
@@ -54,7 +55,7 @@ def build(family: str, vocab: int):
 
 @pytest.fixture(scope="module")
 def pairs(bpe_tokenizer):
-    exs, _ = wlt.tokenize_pairs(bpe_tokenizer, PAIRS)
+    exs, _ = data.tokenize_pairs(bpe_tokenizer, PAIRS)
     assert len({len(e["prompt_ids"]) for e in exs}) == 3  # prompts of different lengths: left padding differs
     return exs
 
@@ -69,7 +70,7 @@ def naive(model, batch, dtype=torch.float64):
 
 
 def close(got, ref):
-    """DESIGN: sums of log-probs agree to 1e-5 relative, plus a small absolute floor."""
+    """Sums of log-probs agree to 1e-5 relative, plus a small absolute floor (the project's tolerance rule)."""
     got, ref = got.double(), ref.double()
     assert ((got - ref).abs() <= 1e-5 * ref.abs() + 1e-4).all(), f"\n got {got.tolist()}\n ref {ref.tolist()}"
 
@@ -90,8 +91,8 @@ def same_grads(a: dict, b: dict):
 @pytest.mark.parametrize("family", list(KERNEL_FAMILIES))
 def test_lean_kernel_equals_full_softmax(family, bpe_tokenizer, pairs):
     model = build(family, len(bpe_tokenizer))
-    assert wlt.head_of(model) is not None, "a DESIGN family fell back to the plain path"
-    batch = wlt.collate_pairs(pairs, wlt.pad_id(bpe_tokenizer))
+    assert wlt.head_of(model) is not None, "a known family fell back to the plain path"
+    batch = wlt.collate_pairs(pairs, data.pad_id(bpe_tokenizer))
     with torch.no_grad():
         ref = naive(model, batch)
         got = wlt.response_logps(model, **batch)
@@ -106,7 +107,7 @@ def test_lean_kernel_equals_full_softmax(family, bpe_tokenizer, pairs):
 def test_shared_prompt_equals_unshared(family, bpe_tokenizer, pairs):
     """The prompt once, left-padded, its KV cache expanded over both responses == two full sequences."""
     model = build(family, len(bpe_tokenizer))
-    pad = wlt.pad_id(bpe_tokenizer)
+    pad = data.pad_id(bpe_tokenizer)
     batch = wlt.collate_pairs(pairs, pad)
     with torch.no_grad():
         ref = naive(model, batch)
@@ -159,15 +160,15 @@ def test_no_full_logits_forward_or_backward(family, bpe_tokenizer, pairs, monkey
     model.get_input_embeddings().weight.requires_grad_(False)  # [V, H] parameters are not activations:
     model.get_output_embeddings().weight.requires_grad_(False)  # keep their gradients out of the count
     monkeypatch.setattr(wlt, "LOGPS_CHUNK", 4 * V)
-    batch = wlt.collate_pairs(pairs, wlt.pad_id(bpe_tokenizer))
+    batch = wlt.collate_pairs(pairs, data.pad_id(bpe_tokenizer))
     n_resp = int((batch["labels"] != IGNORE).sum())
     assert n_resp > 30
     with MaxVocabTensor(V, model) as seen:
-        out = wlt.pair_logps(model, pairs, wlt.pad_id(bpe_tokenizer))
+        out = wlt.pair_logps(model, pairs, data.pad_id(bpe_tokenizer))
         out.sum().backward()
     assert 0 < seen.largest <= 4 * V, seen.largest
     with MaxVocabTensor(V, model) as plain:
-        wlt._plain_response_logps(model, **batch).sum().backward()
+        wlt.response_logps_plain(model, **batch).sum().backward()
     assert plain.largest >= batch["input_ids"].numel() // 2 * V  # the plain path does make them
 
 
@@ -176,12 +177,12 @@ def test_unknown_family_falls_back_with_one_warning(bpe_tokenizer, capsys):
     from transformers import BloomConfig, BloomForCausalLM
     torch.manual_seed(0)
     model = BloomForCausalLM(BloomConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, n_layer=2, n_head=4)).eval()
-    exs, _ = wlt.tokenize_pairs(bpe_tokenizer, PAIRS)
-    batch = wlt.collate_pairs(exs, wlt.pad_id(bpe_tokenizer))
+    exs, _ = data.tokenize_pairs(bpe_tokenizer, PAIRS)
+    batch = wlt.collate_pairs(exs, data.pad_id(bpe_tokenizer))
     wlt._warned.discard("bloom")
     with torch.no_grad():
         a = wlt.response_logps(model, **batch)
-        b = wlt.pair_logps(model, exs, wlt.pad_id(bpe_tokenizer))
+        b = wlt.pair_logps(model, exs, data.pad_id(bpe_tokenizer))
         close(a, naive(model, batch))
     close(b.t().reshape(-1), a)
     assert capsys.readouterr().out.count("not known to the memory-lean log-prob kernel") == 1

@@ -59,7 +59,7 @@ def teacher(tiny_model_dir, tmp_path_factory):
 
 
 def naive_logp(model, tok, prompt: str, response: str) -> float:
-    """log pi(response | prompt) for one unpadded sequence: full softmax in float64, per DESIGN's
+    """log pi(response | prompt) for one unpadded sequence: full softmax in float64, per the project's
     tokenization convention (joint ids cut at len(prompt ids), plus EOS)."""
     p = tok(prompt).input_ids
     joint = tok(prompt + response).input_ids
@@ -206,7 +206,7 @@ def test_real_hh_rows_if_present(tiny_model_dir, tmp_path):
         for k in ("chosen", "rejected"):
             lw, lr = naive_logp(mp, tok, row["prompt"], row[k]), naive_logp(mr, tok, row["prompt"], row[k])
             # real responses are long (sums of ~-1000): fp32 rounding is relative to the sums, not to their
-            # difference (DESIGN: 1e-5 * |sum| plus a small floor)
+            # difference (the project's rule: 1e-5 * |sum| plus a small floor)
             assert row[f"{k}_reward"] == pytest.approx(0.1 * (lw - lr), abs=0.1 * 1e-5 * (abs(lw) + abs(lr)) + 1e-5)
 
 
@@ -216,7 +216,7 @@ def test_command_line_errors(teacher, tmp_path):
     p = run_script(LABEL, "--model", teacher["dpo"], "--ref", str(tmp_path / "nope"), "--data", teacher["data"],
                    "--out", str(tmp_path / "x.jsonl"), check=False)
     assert p.returncode == 1 and "no such model folder" in p.stderr and "Traceback" not in p.stderr
-    p = run_script(LABEL, "--teacher", "--run", str(tmp_path), check=False)
+    p = run_script(LABEL, "--teacher", "--run-dir", str(tmp_path), check=False)
     assert p.returncode == 1 and "config.json" in p.stderr
 
 
@@ -251,5 +251,5 @@ def test_adapter_only_folder(teacher, labeled, tmp_path):
 def test_run_mode_needs_a_finished_teacher(synthetic_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(synthetic_run, run, ignore=shutil.ignore_patterns("teacher", "student", "eval"))
-    p = run_script(LABEL, "--teacher", "--run", run, check=False)
+    p = run_script(LABEL, "--teacher", "--run-dir", run, check=False)
     assert p.returncode == 1 and "no finished training" in p.stderr and "Traceback" not in p.stderr

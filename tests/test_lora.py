@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import wlt
+from lib import checkpoint
 from conftest import FAMILIES
 
 RANK, ALPHA = 4, 8.0
@@ -195,7 +196,7 @@ def test_split_state_dict_and_adapter_files(family, tiny_model_dir, inputs, tmp_
         assert tuple(adapter[f"base_model.model.{n}.lora_B.weight"].shape) == (fan_out, RANK)
 
     # save + load on a fresh base model
-    wlt.save_adapter(str(tmp_path), adapter, model.wlt_lora, d)
+    checkpoint.save_adapter(str(tmp_path), adapter, model.wlt_lora, d)
     adir = tmp_path / "adapter"
     assert sorted(os.listdir(adir)) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((adir / "adapter_config.json").read_text())
@@ -208,7 +209,7 @@ def test_split_state_dict_and_adapter_files(family, tiny_model_dir, inputs, tmp_
     for k in expected_keys:
         assert torch.equal(on_disk[k], adapter[k])
 
-    loaded = wlt.load_adapter(_load(d), str(adir))
+    loaded = checkpoint.load_adapter(_load(d), str(adir))
     assert torch.allclose(_logits(loaded, inputs), lora_logits, rtol=0, atol=1e-6)
     with wlt.lora_disabled(loaded):
         assert torch.equal(_logits(loaded, inputs), _logits(base, inputs))
@@ -217,11 +218,11 @@ def test_split_state_dict_and_adapter_files(family, tiny_model_dir, inputs, tmp_
 def test_load_adapter_on_wrong_model_raises(tiny_model_dir, tmp_path):
     model = _adapter_model(tiny_model_dir("gpt2"))
     _, adapter = wlt.split_lora_state_dict(model.state_dict(), model.wlt_lora)
-    wlt.save_adapter(str(tmp_path), adapter, model.wlt_lora, "gpt2")
+    checkpoint.save_adapter(str(tmp_path), adapter, model.wlt_lora, "gpt2")
     with pytest.raises(wlt.WltError):
-        wlt.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path / "adapter"))
+        checkpoint.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path / "adapter"))
     with pytest.raises(wlt.WltError):
-        wlt.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path))  # no adapter_config.json there
+        checkpoint.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path))  # no adapter_config.json there
 
 
 def test_load_adapter_rejects_extra_keys_and_regex_targets(tiny_model_dir, tmp_path):
@@ -229,19 +230,19 @@ def test_load_adapter_rejects_extra_keys_and_regex_targets(tiny_model_dir, tmp_p
     from safetensors.torch import load_file, save_file
     model = _adapter_model(tiny_model_dir("llama"))
     _, adapter = wlt.split_lora_state_dict(model.state_dict(), model.wlt_lora)
-    wlt.save_adapter(str(tmp_path), adapter, model.wlt_lora, "llama")
+    checkpoint.save_adapter(str(tmp_path), adapter, model.wlt_lora, "llama")
     d = tmp_path / "adapter"
-    wlt.load_adapter(_load(tiny_model_dir("llama")), str(d))  # as saved: fine
+    checkpoint.load_adapter(_load(tiny_model_dir("llama")), str(d))  # as saved: fine
     sd = load_file(str(d / "adapter_model.safetensors"))
     sd["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(RANK, 32)
     save_file(sd, str(d / "adapter_model.safetensors"))
     with pytest.raises(wlt.WltError, match="unexpected"):
-        wlt.load_adapter(_load(tiny_model_dir("llama")), str(d))
+        checkpoint.load_adapter(_load(tiny_model_dir("llama")), str(d))
     cfg = json.load(open(d / "adapter_config.json"))
     cfg["target_modules"] = ".*proj"
     json.dump(cfg, open(d / "adapter_config.json", "w"))
     with pytest.raises(wlt.WltError, match="target_modules"):
-        wlt.load_adapter(_load(tiny_model_dir("llama")), str(d))
+        checkpoint.load_adapter(_load(tiny_model_dir("llama")), str(d))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -251,7 +252,7 @@ def test_peft_loads_adapter(family, tiny_model_dir, inputs, tmp_path):
     d = tiny_model_dir(family)
     model = _adapter_model(d)
     merged, adapter = wlt.split_lora_state_dict(model.state_dict(), model.wlt_lora)
-    wlt.save_adapter(str(tmp_path), adapter, model.wlt_lora, d)
+    checkpoint.save_adapter(str(tmp_path), adapter, model.wlt_lora, d)
     merged_model = _load(d)
     merged_model.load_state_dict(merged, strict=True)
     want = _logits(merged_model, inputs)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import wlt
+from lib import data
 from conftest import FAMILIES
 
 IGNORE = -100
@@ -162,8 +163,8 @@ def _load(model_dir):
 
 @pytest.fixture(scope="module")
 def batch(bpe_tokenizer):
-    exs, _ = wlt.tokenize_pairs(bpe_tokenizer, PAIRS)
-    b = wlt.collate_pairs(exs, wlt.pad_id(bpe_tokenizer))
+    exs, _ = data.tokenize_pairs(bpe_tokenizer, PAIRS)
+    b = wlt.collate_pairs(exs, data.pad_id(bpe_tokenizer))
     lengths = b["attention_mask"].sum(-1)
     assert len(set(lengths.tolist())) > 2, "the test batch must have right padding of different lengths"
     assert (b["attention_mask"][:, 0] == 1).all()  # right padding: real tokens first

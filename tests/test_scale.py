@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import wlt
+from lib import data, dist, estimate
 from conftest import ROOT, run_script, torchrun
 
 SMALL = dict(model_type="llama", vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -32,11 +33,11 @@ def saved_bytes(fn) -> int:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_activation_checkpointing_same_loss_and_gradients_less_memory(family, tiny_model_dir, bpe_tokenizer):
     from transformers import AutoModelForCausalLM
-    exs, _ = wlt.tokenize_pairs(bpe_tokenizer, [
+    exs, _ = data.tokenize_pairs(bpe_tokenizer, [
         {"prompt": "Human: How do I bake bread at home? Assistant:", "chosen": " Mix flour, water, salt and yeast.",
          "rejected": " No."},
         {"prompt": "sort: 7 3 9 1 =>", "chosen": " 1 3 7 9", "rejected": " 9 7 3 1 and some more words"}])
-    batch = wlt.collate_pairs(exs, wlt.pad_id(bpe_tokenizer))
+    batch = wlt.collate_pairs(exs, data.pad_id(bpe_tokenizer))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family), dtype=torch.float32)
     results = []
     for ac in (False, True):
@@ -46,7 +47,7 @@ def test_activation_checkpointing_same_loss_and_gradients_less_memory(family, ti
         for m in wlt.lora_modules(model):  # B != 0, so that A gets gradients too
             torch.nn.init.normal_(m.lora_B.weight, std=0.1)
         if ac:
-            wlt.enable_activation_checkpointing(model)
+            dist.enable_activation_checkpointing(model)
         torch.manual_seed(1)
         lp, nbytes = saved_bytes(lambda: wlt.response_logps(model, **batch))
         lp.sum().backward()
@@ -70,27 +71,27 @@ def test_estimate_within_20_percent_of_a_measured_cpu_run(tmp_path, kind, lora, 
     p = run_script(os.path.join(ROOT, "tests", "measure_step.py"), cfg_path, kind, str(lora), str(micro), str(seq),
                    "1" if ac else "0", env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     measured = json.loads(p.stdout.strip().splitlines()[-1])["peak"]
-    est = wlt.estimate_memory(wlt.model_config(cfg_path), nproc=1, lora_rank=lora, micro_batch=micro, max_len=seq,
+    est = estimate.estimate_memory(estimate.model_config(cfg_path), nproc=1, lora_rank=lora, micro_batch=micro, max_len=seq,
                               kind=kind, dtype="fp32", activation_checkpointing=ac)["bytes"]
     assert abs(est["total"] - measured) <= 0.2 * measured, (est, measured)
     assert measured > 200 * 2 ** 20  # big enough that allocator noise cannot decide the comparison
 
 
 def test_estimate_parts_follow_the_settings():
-    cfg = wlt.model_config("facebook/opt-1.3b")
-    one = wlt.estimate_memory(cfg, nproc=1, lora_rank=0, micro_batch=1, max_len=128, kind="sft")
-    eight = wlt.estimate_memory(cfg, nproc=8, lora_rank=0, micro_batch=1, max_len=128, kind="sft")
+    cfg = estimate.model_config("facebook/opt-1.3b")
+    one = estimate.estimate_memory(cfg, nproc=1, lora_rank=0, micro_batch=1, max_len=128, kind="sft")
+    eight = estimate.estimate_memory(cfg, nproc=8, lora_rank=0, micro_batch=1, max_len=128, kind="sft")
     assert 1.3e9 < one["parameters"] < 1.33e9 and one["trainable"] == one["parameters"]  # OPT-1.3B: 1.316B
     for k in ("weights", "gradients", "optimizer"):  # sharded: 1/8
         assert eight["bytes"][k] == pytest.approx(one["bytes"][k] / 8)
     assert one["bytes"]["weights"] == pytest.approx(4 * one["parameters"])
     assert one["bytes"]["optimizer"] == pytest.approx(8 * one["parameters"])
-    lora = wlt.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft")
+    lora = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft")
     assert lora["trainable"] == lora["lora"] < 0.01 * lora["parameters"]
-    ac = wlt.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft", activation_checkpointing=True)
+    ac = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft", activation_checkpointing=True)
     assert ac["bytes"]["activations"] < 0.3 * lora["bytes"]["activations"]
-    dpo1 = wlt.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="dpo")
-    dpo2 = wlt.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=2, max_len=128, kind="dpo")
+    dpo1 = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="dpo")
+    dpo2 = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=2, max_len=128, kind="dpo")
     assert dpo2["bytes"]["activations"] == pytest.approx(2 * dpo1["bytes"]["activations"], rel=0.05)  # linear in tokens
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import wlt
+from lib import dist, trainer
 import train_dpo
 import train_sft
 from conftest import make_bpe_tokenizer
@@ -54,7 +55,7 @@ def test_resume_checks_inputs_and_restarts_cleanly(tmp_path, tiny_model_dir, mon
     # a crash after the start must not leave a folder that looks finished (nor the old adapter)
     def crash(*a, **k):
         raise RuntimeError("killed")
-    monkeypatch.setattr(wlt, "setup_model", crash)
+    monkeypatch.setattr(dist, "setup_model", crash)
     with pytest.raises(RuntimeError):
         run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0")
     assert not os.path.exists(os.path.join(out, "train_config.json"))
@@ -83,20 +84,22 @@ def test_run_mode_full_dpo_uses_the_runs_full_rate(tmp_path, monkeypatch):
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"train": {"train_dpo.py": {"teacher": {"lr_lora": 0.25, "lr_full": 0.125, "beta": 0.3}}}}, f)
+    os.makedirs(os.path.join(run_dir, "teacher", "sft"))  # the teacher's DPO starts from a finished SFT
+    open(os.path.join(run_dir, "teacher", "sft", "train_config.json"), "w").write("{}")
     seen = {}
 
     def stop(args):
         seen["args"] = args
         return None  # as if finished: main returns before any model is loaded
-    monkeypatch.setattr(wlt, "begin", stop)
-    run(monkeypatch, train_dpo, "--teacher", "--run", run_dir, "--lora-rank", "0")
+    monkeypatch.setattr(trainer, "begin", stop)
+    run(monkeypatch, train_dpo, "--teacher", "--run-dir", run_dir, "--lora-rank", "0")
     assert seen["args"].lr == 0.125 and seen["args"].beta == 0.3
-    run(monkeypatch, train_dpo, "--teacher", "--run", run_dir)
+    run(monkeypatch, train_dpo, "--teacher", "--run-dir", run_dir)
     assert seen["args"].lr == 0.25
-    run(monkeypatch, train_dpo, "--teacher", "--run", run_dir, "--lr", "0.5", "--beta", "0.1")
+    run(monkeypatch, train_dpo, "--teacher", "--run-dir", run_dir, "--lr", "0.5", "--beta", "0.1")
     assert seen["args"].lr == 0.5 and seen["args"].beta == 0.1  # explicit flags win
     with pytest.raises(wlt.WltError, match="--labels"):
-        run(monkeypatch, train_dpo, "--student", "--run", run_dir)
+        run(monkeypatch, train_dpo, "--student", "--run-dir", run_dir)
 
 
 def test_empty_prompt_without_bos_is_skipped_and_counted(tmp_path):
@@ -110,13 +113,13 @@ def test_empty_prompt_without_bos_is_skipped_and_counted(tmp_path):
         pass
     args = Args()
     args.data, args.strict, args.max_len, args.seed, args.eval_pairs = data, False, 64, 0, 0
-    train, _, stats = wlt.load_examples(args, tok, "dpo")
+    train, _, stats = trainer.load_examples(args, tok, "dpo")
     assert len(train) == 4 and stats["rows"] == 5
     assert list(stats["skipped"]["counts"].values()) == [1]
     assert stats["skipped"]["examples"][next(iter(stats["skipped"]["counts"]))] == [f"{data}:1"]
     args.strict = True
     with pytest.raises(wlt.WltError, match=f"{data}:1"):
-        wlt.load_examples(args, tok, "dpo")
+        trainer.load_examples(args, tok, "dpo")
 
 
 def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -139,7 +142,7 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, mon
 
     # the numbers: for each training pair, in both epochs, log pi_ref(chosen), log pi_ref(rejected)
     tok = make_bpe_tokenizer()
-    train, evals, _ = wlt.load_examples(train_dpo_args(data), tok, "dpo")
+    train, evals, _ = trainer.load_examples(train_dpo_args(data), tok, "dpo")
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for i, e in enumerate(train):
         for k, key in enumerate(("chosen_ids", "rejected_ids")):

@@ -1,14 +1,16 @@
 """The paper's ablations and analyses as one-command experiments, on top of launch.sh's pipeline.
 
-    python experiments.py fractions     labeled-fraction sweep 1/16 .. 1/2 (paper Fig. 4a)
-    python experiments.py teachers      supervisor sweep: teachers of several sizes, optionally an LLM judge (Fig. 2b, Table 12)
-    python experiments.py subsets       the student on D_u's match / mismatch subsets and all of D_u, weak vs human
-                                        labels (Table 1), plus random label noise at the weak labels' agreement rate (Table 11)
-    python experiments.py beta          beta sweep of the student's DPO (Fig. 7)
-    python experiments.py seeds         data-split seed repeats, mean and standard deviation (appendix C, 5 seeds)
-    python experiments.py sft-ref       DPO with and without the SFT reference (appendix C)
-    python experiments.py all           every one of them
-    bash launch.sh synthetic fractions  the same, through launch.sh
+    python extras/experiments.py fractions   labeled-fraction sweep 1/16 .. 1/2 (paper Fig. 4a)
+    python extras/experiments.py teachers    supervisor sweep: teachers of several sizes, optionally an LLM judge
+                                             (Fig. 2b, Table 12)
+    python extras/experiments.py subsets     the student on D_u's match / mismatch subsets and all of D_u, weak vs
+                                             human labels (Table 1), plus random label noise at the weak labels'
+                                             agreement rate (Table 11)
+    python extras/experiments.py beta        beta sweep of the student's DPO (Fig. 7)
+    python extras/experiments.py seeds       data-split seed repeats, mean and standard deviation (appendix C)
+    python extras/experiments.py sft-ref     DPO with and without the SFT reference (appendix C)
+    python extras/experiments.py all         every one of them
+    bash launch.sh synthetic fractions       the same, through launch.sh
 
 Every experiment starts from finished pipelines (`bash launch.sh PRESET`, run here when missing; a run whose
 stages are complete is reused, as launch.sh always does), adds only the stages it needs, and writes
@@ -16,23 +18,28 @@ ROOT/NAME/results.md (a table laid out like the paper's), results.json, and PNG 
 installed. The base run is runs/PRESET, the pipeline launch.sh makes by default; sweeps over whole pipelines
 (fractions, seeds) make ROOT/NAME/VALUE runs. Settings come from the same environment variables as launch.sh
 (NPROC, PREPARE_ARGS, SFT_ARGS, DPO_ARGS, LABEL_ARGS, EVAL_ARGS, ...), so a CI-sized world is one
-PREPARE_ARGS away. With NPROC=1 the added stages run inside this process (no interpreter start-up per stage);
-with NPROC > 1 under torchrun.
+PREPARE_ARGS away. With NPROC=1 the added stages run inside this process, each script run as `python SCRIPT`
+runs it (runpy: no interpreter start-up per stage); with NPROC > 1 under torchrun.
 """
 import argparse
-import importlib
 import json
 import math
 import os
 import random
+import runpy
 import shlex
 import statistics
 import subprocess
 import sys
 
-import wlt
-
-ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's root
+sys.path.insert(0, ROOT_DIR)
+import wlt  # noqa: E402
+from lib import runs, synthetic  # noqa: E402
+from lib.console import log, run_main  # noqa: E402
+from lib.data import relabeled_row, swap_pair  # noqa: E402
+from lib.files import iter_jsonl, write_json, write_jsonl, write_text  # noqa: E402
+from lib.models import load_model, load_tokenizer  # noqa: E402
 EXPERIMENTS = ["fractions", "teachers", "subsets", "beta", "seeds", "sft-ref"]
 DEFAULT_VALUES = {"fractions": "0.0625,0.125,0.25,0.5", "beta": "0.1,0.25,0.5,1.0", "seeds": "22,23,24,25,26",
                   "teachers": "1x32,2x64,4x128"}
@@ -54,11 +61,10 @@ def stage(script: str, *argv: str) -> None:
         if p.returncode != 0:
             raise wlt.WltError(f"{script} {' '.join(argv)} failed (exit code {p.returncode}; its output above)")
         return
-    module = importlib.import_module(script[:-len(".py")])
     saved = sys.argv
     sys.argv = [script, *argv]
     try:
-        module.main()
+        runpy.run_path(os.path.join(ROOT_DIR, script), run_name="__main__")
     finally:
         sys.argv = saved
 
@@ -69,7 +75,7 @@ def pipeline(preset: str, run: str, **env) -> str:
     if os.path.normpath(run) == os.path.join("runs", preset) and os.path.abspath(os.getcwd()) == ROOT_DIR:
         del e["RUN"]  # launch.sh's own default run, named as launch.sh names it (so its stages are reused)
     e.setdefault("PYTHON", sys.executable)  # the stages run with this interpreter (and its packages)
-    wlt.log(f"experiments: pipeline {run} ({', '.join(f'{k}={v}' for k, v in env.items()) or 'defaults'})")
+    log(f"experiments: pipeline {run} ({', '.join(f'{k}={v}' for k, v in env.items()) or 'defaults'})")
     p = subprocess.run(["bash", os.path.join(ROOT_DIR, "launch.sh"), preset], env=e)
     if p.returncode != 0:
         raise wlt.WltError(f"the pipeline in {run} failed (launch.sh {preset}, exit code {p.returncode}; its output above)")
@@ -78,14 +84,14 @@ def pipeline(preset: str, run: str, **env) -> str:
 
 def student_dpo(run: str, data: str, out: str, *extra: str) -> str:
     """The student's DPO (the run's student settings) on `data` into `out`. Returns out."""
-    stage("train_dpo.py", "--student", "--labels", "human", "--run", run, "--data", data, "--out", out, "--resume",
+    stage("train_dpo.py", "--student", "--labels", "human", "--run-dir", run, "--data", data, "--out", out, "--resume",
           *env_args("DPO_ARGS"), *extra)
     return out
 
 
 def evaluate(run: str, out: str, policies: dict[str, str]) -> dict:
     """evaluate.py on the run's test prompts for these policies; returns results.json."""
-    argv = ["--run", run, "--out", out]
+    argv = ["--run-dir", run, "--out", out]
     for name, path in policies.items():
         argv += ["--policy", f"{name}={path}"]
     gold = os.environ.get("GOLD_RM")
@@ -95,7 +101,7 @@ def evaluate(run: str, out: str, policies: dict[str, str]) -> dict:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    return [row for _, row in wlt.iter_jsonl(path)]
+    return [row for _, row in iter_jsonl(path)]
 
 
 def gold_accuracy(rows: list[dict]) -> float | None:
@@ -161,9 +167,9 @@ def write_results(out: str, title: str, md: str, data: dict, plots: list) -> str
     if plots:
         md += "\n\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots)
     text = f"# {title}\n\n{md}\n"
-    wlt.write_text(os.path.join(out, "results.md"), text)
-    wlt.write_json(os.path.join(out, "results.json"), data)
-    wlt.log("\n" + text)
+    write_text(os.path.join(out, "results.md"), text)
+    write_json(os.path.join(out, "results.json"), data)
+    log("\n" + text)
     return text
 
 
@@ -171,9 +177,9 @@ def run_summary(run: str) -> dict:
     """The numbers of a finished pipeline: eval results, labels, split sizes."""
     with open(os.path.join(run, "eval", "results.json")) as f:
         res = json.load(f)
-    with open(wlt.summary_path(os.path.join(run, "data", "weak.jsonl"))) as f:
+    with open(runs.summary_path(os.path.join(run, "data", "weak.jsonl"))) as f:
         weak = json.load(f)
-    counts = wlt.read_run_config(run)["counts"]
+    counts = runs.read_run_config(run)["counts"]
     lq = res.get("label_quality", {})
     return {"results": res, "labeled": counts["labeled"]["kept"], "unlabeled": counts["unlabeled"]["kept"],
             "agreement": weak["agreement_with_input"], "gold_accuracy": lq.get("gold_accuracy", {})}
@@ -226,7 +232,7 @@ def exp_seeds(a) -> dict:
 
 def exp_beta(a) -> dict:
     """Paper Fig. 7: the student's DPO beta, on weak and on human labels, from the same SFT reference."""
-    run, cfg = a.base, wlt.read_run_config(a.base)
+    run, cfg = a.base, runs.read_run_config(a.base)
     run_beta = cfg.get("beta")
     pols = {"sft": os.path.join(run, "student", "sft")}
     for v in a.values:
@@ -262,17 +268,17 @@ def exp_subsets(a) -> dict:
     match = [r for r in weak if r["human_agrees"]]
     mismatch_weak = [r for r in weak if not r["human_agrees"]]
     # weak.jsonl keeps the teacher's order: on the mismatches the human order is the other one
-    mismatch_human = [wlt.relabeled_row(r, False, r["chosen_reward"], r["rejected_reward"]) for r in mismatch_weak]
+    mismatch_human = [relabeled_row(r, False, r["chosen_reward"], r["rejected_reward"]) for r in mismatch_weak]
     flip_rate = len(mismatch_weak) / len(weak)
     rng = random.Random(a.seed)
-    noise = [wlt.swap_pair(r) if rng.random() < flip_rate else r for r in human]
+    noise = [swap_pair(r) if rng.random() < flip_rate else r for r in human]
     d = os.path.join(a.out, "data")
     sets = {"match": match, "mismatch-weak": mismatch_weak, "mismatch-human": mismatch_human, "noise": noise}
     for name, rows in sets.items():
         path = os.path.join(d, f"{name}.jsonl")
         if not os.path.isfile(path) or read_jsonl(path) != json.loads(json.dumps(rows)):
             os.makedirs(d, exist_ok=True)
-            wlt.write_jsonl(path, rows)
+            write_jsonl(path, rows)
     pols = {"sft": os.path.join(run, "student", "sft")}
     for name in sets:
         pols[name] = student_dpo(run, os.path.join(d, f"{name}.jsonl"), os.path.join(a.out, f"dpo-{name}"))
@@ -308,7 +314,7 @@ def exp_subsets(a) -> dict:
 def exp_sft_ref(a) -> dict:
     """Paper appendix C: the student's DPO started from, and anchored to, the base model instead of its SFT."""
     run = a.base
-    base_model = wlt.read_run_config(run)["student_model"]
+    base_model = runs.read_run_config(run)["student_model"]
     pols = {"base": base_model, "sft": os.path.join(run, "student", "sft"),
             "weak": os.path.join(run, "student", "dpo-weak"), "human": os.path.join(run, "student", "dpo-human")}
     for labels, data in (("weak", "weak.jsonl"), ("human", "unlabeled.jsonl")):
@@ -325,40 +331,40 @@ def exp_sft_ref(a) -> dict:
 def exp_teachers(a) -> dict:
     """Paper Fig. 2b / Table 12: the same student aligned on the labels of teachers of different sizes (and, with
     --judge, of an LLM judge), against the human labels."""
-    run, cfg = a.base, wlt.read_run_config(a.base)
-    synthetic = cfg.get("source") == "synthetic"
+    run, cfg = a.base, runs.read_run_config(a.base)
+    in_synthetic_world = cfg.get("source") == "synthetic"
     pols = {"sft": os.path.join(run, "student", "sft"), "human": os.path.join(run, "student", "dpo-human")}
     info = {}
     for v in a.values:
         d = os.path.join(a.out, v.replace("/", "_"))
-        if synthetic:  # a shape "LAYERSxHIDDEN" of the synthetic world's tiny Llama
+        if in_synthetic_world:  # a shape "LAYERSxHIDDEN" of the synthetic world's tiny Llama
             layers, hidden = (int(x) for x in v.split("x"))
             base = os.path.join(d, "base")
             if not os.path.isfile(os.path.join(base, "config.json")):
-                tok = wlt.load_tokenizer(cfg["teacher_model"])
-                wlt.make_synthetic_model(tok, {"hidden_size": hidden, "num_hidden_layers": layers,
+                tok = load_tokenizer(cfg["teacher_model"])
+                synthetic.make_model(tok, {"hidden_size": hidden, "num_hidden_layers": layers,
                                                "num_attention_heads": 4, "intermediate_size": 4 * hidden},
                                          cfg["seed"], base)
         else:
             base = v
-        stage("train_sft.py", "--teacher", "--run", run, "--model", base, "--out", os.path.join(d, "sft"), "--resume",
+        stage("train_sft.py", "--teacher", "--run-dir", run, "--model", base, "--out", os.path.join(d, "sft"), "--resume",
               *env_args("SFT_ARGS"))
-        stage("train_dpo.py", "--teacher", "--run", run, "--model", os.path.join(d, "sft"), "--out", os.path.join(d, "dpo"),
+        stage("train_dpo.py", "--teacher", "--run-dir", run, "--model", os.path.join(d, "sft"), "--out", os.path.join(d, "dpo"),
               "--resume", *env_args("DPO_ARGS"))
         labels = os.path.join(d, "weak.jsonl")
-        stage("label.py", "--teacher", "--run", run, "--model", os.path.join(d, "dpo"), "--ref", os.path.join(d, "sft"),
+        stage("label.py", "--teacher", "--run-dir", run, "--model", os.path.join(d, "dpo"), "--ref", os.path.join(d, "sft"),
               "--out", labels, *env_args("LABEL_ARGS"))
         pols[f"weak-{v}"] = student_dpo(run, labels, os.path.join(d, "student-dpo"))
-        with open(wlt.summary_path(labels)) as f:
+        with open(runs.summary_path(labels)) as f:
             s = json.load(f)
-        n_params = sum(t.numel() for t in wlt.load_model(os.path.join(d, "sft")).parameters())
+        n_params = sum(t.numel() for t in load_model(os.path.join(d, "sft")).parameters())
         info[v] = {"parameters": n_params, "agreement": s["agreement_with_input"],
                    "gold_accuracy": (s.get("gold_accuracy") or {}).get("weak")}
     if a.judge:
-        import judge
+        import judge  # extras/judge.py, beside this file
         labels = os.path.join(a.out, "judge", "weak.jsonl")
         judge.label_pairs(judge.make_judge(a.judge, a.judge_model), os.path.join(run, "data", "unlabeled.jsonl"), labels)
-        with open(wlt.summary_path(labels)) as f:
+        with open(runs.summary_path(labels)) as f:
             s = json.load(f)
         pols["weak-judge"] = student_dpo(run, labels, os.path.join(a.out, "judge", "student-dpo"))
         info["judge"] = {"parameters": None, "agreement": s["agreement_with_input"],
@@ -419,4 +425,4 @@ def main():
 
 
 if __name__ == "__main__":
-    wlt.run_main(main)
+    run_main(main)

@@ -1,9 +1,9 @@
 """Speed and memory of wlt against a plain baseline, measured in one run on this machine (as in nanoGPT's
 bench.py: ratios, not absolute numbers, are what carries over between machines).
 
-    python bench.py                       SmolLM2-135M's shape (random weights), HH-like lengths
-    python bench.py --model opt-125m      OPT-125M's shape
-    python bench.py --model tiny          a seconds-long smoke run (what the tests use)
+    python extras/bench.py                    SmolLM2-135M's shape (random weights), HH-like lengths
+    python extras/bench.py --model opt-125m   OPT-125M's shape
+    python extras/bench.py --model tiny       a seconds-long smoke run (what the tests use)
 
 The baseline is the common implementation: both models in memory, chosen and rejected as two full sequences
 (prompt included, concatenated into one batch), full fp32 logits [2B, T, V], log_softmax of the same size,
@@ -35,7 +35,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import wlt
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root
+import wlt  # noqa: E402
+from lib import dist, files, resumable  # noqa: E402
 
 SHAPES = {  # the model shapes of the paper's teacher class (published configs), random weights
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -95,12 +97,10 @@ def add_lora(model, seed: int):
 # the baseline: full logits, log_softmax, gather
 
 def full_logits_logps(model, exs: list[dict], pad: int, dev) -> torch.Tensor:
-    """[B, 2] the common way: chosen and rejected as 2B full sequences, [2B, T, V] fp32 logits."""
+    """[B, 2] the common way: chosen and rejected as 2B full sequences through wlt.response_logps_plain, the
+    definition of log pi(y|x), with its [2B, T, V] fp32 logits."""
     b = {k: v.to(dev) for k, v in wlt.collate_pairs(exs, pad).items()}
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-    labels = b["labels"][:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.stack((logp * (labels != wlt.IGNORE)).sum(-1).chunk(2), dim=-1)
+    return torch.stack(wlt.response_logps_plain(model, **b).chunk(2), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,13 +190,13 @@ def work_label(args, side: str, dev) -> dict:
             return torch.cat([full_logits_logps(pi_w, exs, pad, dev), full_logits_logps(pi_ref, exs, pad, dev)], 1)
     else:  # label.py: length-bucketed batches, prompt shared, lean head
         lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
-        batches = wlt.in_batches(lengths, args.label_batch)
+        batches = resumable.in_batches(lengths, args.label_batch)
 
         def run(idx):
             exs = [pairs[i] for i in idx]
             return torch.cat([wlt.pair_logps(pi_w, exs, pad), wlt.pair_logps(pi_ref, exs, pad)], 1)
     out = torch.zeros(len(pairs), 4)
-    with torch.inference_mode(), wlt.autocast(dev):
+    with torch.inference_mode(), dist.autocast(dev):
         run(batches[-1][:2])  # warm-up (allocator, kernels), not timed
         with Peak(dev) as peak:
             sync(dev)
@@ -229,7 +229,7 @@ def work_dpo(args, side: str, dev) -> dict:
     else:  # train_dpo.py: the reference once, before the loop (adapter off); then the policy alone
         sync(dev)
         t0 = time.perf_counter()
-        with torch.no_grad(), wlt.lora_disabled(model), wlt.autocast(dev):
+        with torch.no_grad(), wlt.lora_disabled(model), dist.autocast(dev):
             refs = [wlt.pair_logps(model, exs, pad) for exs in batches]
         sync(dev)
         res["ref_seconds_per_step"] = (time.perf_counter() - t0) / len(batches)
@@ -239,7 +239,7 @@ def work_dpo(args, side: str, dev) -> dict:
             return wlt.pair_logps(model, exs, pad), ref_of[id(exs)]
 
     def step(exs):
-        with wlt.autocast(dev):
+        with dist.autocast(dev):
             pol, ref = step_logps(exs)
         losses, _, _ = wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], 0.1)
         loss = losses.mean()
@@ -268,7 +268,7 @@ def work_sft(args, side: str, dev) -> dict:
         batches.append({k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in exs], pad).items()})
 
     def step(b):
-        with wlt.autocast(dev):
+        with dist.autocast(dev):
             if side == "baseline":  # mean token cross-entropy of the full logits, the usual causal-LM loss
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
@@ -344,7 +344,7 @@ def main():
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    dev = wlt.device()
+    dev = dist.device()
     if args.worker:
         res = WORK[args.worker](args, args.side, dev)
         with open(args.result, "w") as f:
@@ -383,7 +383,7 @@ def main():
     print("\n(speed rows: higher is better for wlt, seconds rows are baseline / wlt; peak MiB: wlt / baseline, lower is "
           "better; FLOP/s share: matmul FLOPs executed per second / the machine's fp32 matmul FLOP/s)")
     if args.json:
-        wlt.write_json(args.json, results)
+        files.write_json(args.json, results)
 
 
 if __name__ == "__main__":

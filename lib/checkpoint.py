@@ -1,0 +1,230 @@
+"""Weights on disk, all safetensors (anything else is plain data read with torch.load(weights_only=True)):
+
+    save_hf_checkpoint        a trainer's final model, in the layout from_pretrained reads
+    save_adapter/load_adapter a LoRA adapter in the layout the PEFT library reads
+    save_checkpoint ...       a trainer's mid-run state (OUT/checkpoint/), for --resume
+    save_ref_logps ...        train_dpo.py's reference log-probs, computed once (OUT/ref_logps.safetensors)
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+import torch.nn as nn
+
+import wlt
+from lib.console import log, one_line, rank, world_size
+from lib.dist import barrier
+from lib.files import atomic_write, read_json, remove_dir, write_json
+
+
+def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | None = None) -> None:
+    """Write an HF checkpoint (config.json, generation_config.json, model.safetensors, tokenizer) from a full
+    state dict, atomically per file. `keep` drops tied duplicates (unique_state_keys of the unsharded model)."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if keep is None or k in keep}
+    atomic_write(os.path.join(out_dir, "model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's layout: adapter/adapter_config.json + adapter/adapter_model.safetensors with keys
+# base_model.model.<module path>.lora_A.weight (wlt.split_lora_state_dict names them)
+
+
+def save_adapter(out_dir: str, adapter_sd: dict, lora_cfg: dict, base_model: str) -> None:
+    """Write adapter/adapter_config.json + adapter/adapter_model.safetensors in the layout PEFT reads."""
+    from safetensors.torch import save_file
+    d = os.path.join(out_dir, "adapter")
+    os.makedirs(d, exist_ok=True)
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": lora_cfg["r"], "lora_alpha": lora_cfg["lora_alpha"], "lora_dropout": lora_cfg["lora_dropout"],
+        "target_modules": lora_cfg["target_modules"], "fan_in_fan_out": lora_cfg["fan_in_fan_out"],
+        "bias": "none", "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    atomic_write(os.path.join(d, "adapter_model.safetensors"),
+                 lambda tmp: save_file({k: v.contiguous() for k, v in adapter_sd.items()}, tmp,
+                                       metadata={"format": "pt"}))
+    write_json(os.path.join(d, "adapter_config.json"), cfg)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Put a saved adapter (PEFT layout) on a base model: wlt.add_lora with its settings, then load A and B."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise wlt.WltError(f"{adapter_dir}: no adapter_config.json")
+    try:
+        cfg = read_json(cfg_path)
+        r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise wlt.WltError(f"{cfg_path}: not a LoRA adapter config ({one_line(e)})") from None
+    if not isinstance(targets, list):  # PEFT also allows a regex string; this project writes lists
+        raise wlt.WltError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    wlt.add_lora(model, r, alpha, 0.0, targets)
+    sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    own = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
+    expected = {k for k, _ in model.named_parameters() if ".lora_A." in k or ".lora_B." in k}
+    missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
+    if missing or unexpected:
+        raise wlt.WltError(f"{adapter_dir}: adapter does not fit this model "
+                           f"(missing {missing[:1]}, unexpected {unexpected[:1]})")
+    model.load_state_dict(own, strict=False)  # strict=False: the base weights are not in the adapter
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mid-run checkpoints: OUT/checkpoint/ holds the newest one
+#
+#   weights.safetensors  the trainable parameters (with LoRA: the adapter) and the optimizer's per-parameter
+#                        state (AdamW moments, step), gathered to rank 0 as full tensors: safetensors, no pickle
+#   state.pt             step (= the data position: the batch plan is a pure function of the seed), scheduler,
+#                        optimizer hyper-parameters, and the settings + input fingerprints it belongs to
+#   rng-RANK.pt          each rank's torch / CUDA / python RNG state (dropout draws)
+# Both .pt files hold plain numbers and strings and are read with torch.load(weights_only=True).
+# Written to checkpoint.tmp/, then swapped in by renames, so a kill at any moment leaves either the previous
+# checkpoint or the new one complete (a kill between the two renames leaves it as checkpoint.old/).
+
+CKPT = "checkpoint"
+
+
+def remove_checkpoints(out_dir: str) -> None:
+    """Remove every mid-run checkpoint folder of a training output (newest, previous, half-written)."""
+    for d in (CKPT, CKPT + ".old", CKPT + ".tmp"):
+        remove_dir(os.path.join(out_dir, d))
+
+
+def _ckpt_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+
+
+def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, settings: dict, inputs: dict) -> None:
+    """Save the training state after `step` optimizer steps. A collective: every rank must call it."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final, tmp, old = (os.path.join(out_dir, d) for d in (CKPT, CKPT + ".tmp", CKPT + ".old"))
+    if rank() == 0:
+        remove_dir(tmp)
+        os.makedirs(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, opt, options=_ckpt_options(cpu_offload=True))  # full tensors on rank 0
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng-{rank()}.pt"))
+    if rank() == 0:
+        tensors = {f"model/{k}": v.contiguous() for k, v in msd.items()}
+        for fqn, st in osd["state"].items():
+            for name, v in st.items():
+                tensors[f"optim/{fqn}/{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+        save_file(tensors, os.path.join(tmp, "weights.safetensors"))
+        torch.save({"step": step, "sched": sched.state_dict(), "param_groups": osd["param_groups"],
+                    "world_size": world_size(), "args": settings, "inputs": inputs}, os.path.join(tmp, "state.pt"))
+    barrier()
+    if rank() == 0:
+        if os.path.isdir(final):
+            remove_dir(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        remove_dir(old)
+    barrier()
+
+
+def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[str | None, int]:
+    """(folder, step) of a complete checkpoint in out_dir made with the same settings and inputs, or (None, 0).
+    A checkpoint of other settings is removed, so it can never be resumed later by mistake. Every rank calls it."""
+    found, step = None, 0
+    for d in (CKPT, CKPT + ".old"):
+        path = os.path.join(out_dir, d)
+        if not all(os.path.isfile(os.path.join(path, f)) for f in ("state.pt", "weights.safetensors")):
+            continue
+        st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+        if st.get("inputs") == inputs and all(st.get("args", {}).get(k) == v for k, v in settings.items()):
+            found, step = path, int(st["step"])
+            if st.get("world_size") != world_size():
+                log(f"warning: {path} was saved by {st.get('world_size')} process(es), resumed by {world_size()}: "
+                    f"the result will not be bit-equal to an uninterrupted run")
+        else:
+            log(f"{path}: made with other settings or inputs; starting from step 0")
+        break
+    barrier()  # every rank has read it before it may be removed
+    if found is None and rank() == 0:
+        remove_checkpoints(out_dir)
+    return found, step
+
+
+def load_checkpoint(path: str, model: nn.Module, opt, sched) -> None:
+    """Restore model (trainable parameters), optimizer, scheduler and this rank's RNG from save_checkpoint's
+    folder. A collective: every rank must call it."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    msd, state = {}, {}
+    for k, v in load_file(os.path.join(path, "weights.safetensors")).items():
+        kind, rest = k.split("/", 1)
+        if kind == "model":
+            msd[rest] = v
+        else:
+            fqn, name = rest.rsplit("/", 1)
+            state.setdefault(fqn, {})[name] = v
+    # every rank reads the full tensors and keeps its own shard of them; strict=False: the frozen base weights
+    # are not in a checkpoint (they never change)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": st["param_groups"]},
+                   options=_ckpt_options(strict=False))
+    sched.load_state_dict(st["sched"])
+    rng_path = os.path.join(path, f"rng-{rank()}.pt")
+    if os.path.isfile(rng_path):  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    log(f"resumed from {path} at step {st['step']}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_dpo.py's reference log-probs, computed once before the loop
+
+REF_LOGPS = "ref_logps.safetensors"
+
+
+def save_ref_logps(out_dir: str, key: dict, train: torch.Tensor, evals: torch.Tensor) -> None:
+    """OUT/ref_logps.safetensors with "train" [epochs, N_train, 2] (per epoch, per training pair: log pi_ref of
+    chosen, rejected) and "eval" [N_eval, 2], plus the settings and input fingerprints they belong to (metadata
+    "key"). Rank 0 writes."""
+    if rank() == 0:
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(os.path.join(out_dir, REF_LOGPS), lambda tmp: save_file(
+            {"train": train.contiguous(), "eval": evals.contiguous()}, tmp, metadata={"key": json.dumps(key, sort_keys=True)}))
+    barrier()
+
+
+def load_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The cached reference log-probs when they were made with the same key, else (None, None)."""
+    from safetensors import safe_open
+    path = os.path.join(out_dir, REF_LOGPS)
+    try:
+        with safe_open(path, "pt") as f:
+            if f.metadata().get("key") != json.dumps(json.loads(json.dumps(key)), sort_keys=True):
+                log(f"{path}: made with other settings or inputs; computing the reference again")
+                return None, None
+            train, evals = f.get_tensor("train"), f.get_tensor("eval")
+    except Exception as e:  # missing or unreadable (any safetensors error): compute it again
+        if os.path.exists(path):
+            log(f"{path}: unreadable ({one_line(e)}); computing the reference again")
+        return None, None
+    log(f"{path}: reference log-probs reused")
+    return train, evals

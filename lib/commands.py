@@ -1,0 +1,27 @@
+"""The command line of `python wlt.py prepare|estimate` (wlt.py's __main__ hands off to main() here)."""
+from __future__ import annotations
+
+import argparse
+
+from lib import estimate, prepare
+from lib.console import HelpFormatter, run_main
+
+
+def main() -> None:
+    run_main(cli)
+
+
+def cli() -> None:
+    """Parse `wlt.py prepare|estimate ...` and run it (errors propagate; main() turns them into one line)."""
+    ap = argparse.ArgumentParser(prog="wlt.py", description="prepare a run, or estimate a training run's memory")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    prepare.add_arguments(sub.add_parser("prepare", help="materialise a run's data splits (data/*.jsonl) and config.json",
+                                         description=prepare.__doc__.split("\n\n")[0], formatter_class=HelpFormatter))
+    estimate.add_arguments(sub.add_parser("estimate", help="expected memory per device of a training run (weights, "
+                                                           "gradients, optimizer, activations), before launching it",
+                                          description=estimate.__doc__.split("\n\n")[0], formatter_class=HelpFormatter))
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare.prepare(args)
+    else:
+        estimate.estimate_cli(args)

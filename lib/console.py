@@ -1,0 +1,112 @@
+"""What a user sees: messages from the first process only, one-line errors, progress bars, --help."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import wlt
+
+
+def rank() -> int:
+    """This process's global rank under torchrun (0 in a plain `python` run)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def log(*args) -> None:
+    """Print on global rank 0 only (every rank runs the same script under torchrun)."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (library errors often span several), shortened to `limit`."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def run_main(main) -> None:
+    """Run a script's main(); a wlt.WltError becomes a one-line message and exit code 1."""
+    try:
+        main()
+    except wlt.WltError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help lists each flag with its default once: appended as "(default: X)" unless the help text already
+    says what the default is, and left out for flags that are off or unset by default."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in (argparse.SUPPRESS, [])
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def argument_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph as the description, HelpFormatter for the flags."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+
+
+class _PlainProgress:
+    """Progress for a log file, nohup or CI (stderr is not a terminal): one line at the start, then one at each
+    tenth of the work and at the end, instead of a carriage-return update many times a second."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.start, self.t0, self.postfix = initial, time.time(), ""
+        self.next_tenth = self._tenth(initial) + 1
+        print(f"{desc}: {initial}/{total} {unit}", file=sys.stderr, flush=True)
+
+    def _tenth(self, n: int) -> int:
+        return 10 * n // max(1, self.total)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._tenth(self.n) >= self.next_tenth and self.n < self.total:
+            self.next_tenth = self._tenth(self.n) + 1
+            self._line()
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+
+    def _line(self) -> None:
+        dt = time.time() - self.t0
+        rate = (self.n - self.start) / dt if dt > 0 else 0.0
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n // max(1, self.total)}%), "
+              f"{dt:.0f} s, {rate:.3g} {self.unit}/s" + (f", {self.postfix}" if self.postfix else ""),
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.total:
+            self._line()
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kw) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, desc: str, unit: str = "it", initial: int = 0):
+    """A progress bar on rank 0 (update, set_postfix, close): tqdm on a terminal, a few plain lines elsewhere,
+    nothing on the other ranks."""
+    if rank() != 0:
+        return _NoProgress()
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=0.5)
+    return _PlainProgress(total, desc, unit, initial)

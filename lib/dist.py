@@ -1,0 +1,272 @@
+"""Devices and processes: CUDA with bf16 or CPU with fp32, torchrun's process group, FSDP2 sharding, and the
+data-parallel helpers the scripts share. A plain `python` run is one process and skips all of it."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+
+import torch
+import torch.nn as nn
+
+import wlt
+from lib.console import log, rank, world_size
+from lib.models import check_model_dir, load_model, load_tokenizer
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def autocast(dev: torch.device, dtype: str = "auto"):
+    """bf16 autocast on CUDA (the default there), plain fp32 on CPU: bf16 matmuls on CPU are ~300x slower."""
+    if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda"):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python` run is one process."""
+    if world_size() > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device())
+        torch.distributed.init_process_group(backend)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """Sum (or op="MAX": the largest) of a tensor over the ranks; returned where it came from (nccl reduces
+    CUDA tensors only)."""
+    if world_size() > 1:
+        r = t.to(device())
+        torch.distributed.all_reduce(r, op=getattr(torch.distributed.ReduceOp, op))
+        t = r.to(t.device)
+    return t
+
+
+def gather_dicts(d: dict) -> dict:
+    """Merge every rank's dict on rank 0 (other ranks get {}): how sharded labeling and evaluation collect
+    their results. Values must be picklable; a collective, so every rank must call it."""
+    if world_size() == 1:
+        return d
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, d)
+    if rank() != 0:
+        return {}
+    out = {}
+    for p in parts:
+        out.update(p)
+    return out
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the longest nn.ModuleList whose children share one class."""
+    best = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    return best
+
+
+def shard_model(model: nn.Module, dev: torch.device) -> nn.Module:
+    """FSDP2: one fully_shard unit per transformer block plus the root. bf16 parameters with fp32 gradient
+    reduction on CUDA; plain fp32 on CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # wlt's log-prob kernel runs the body, then reaches into the output head: both inside one FSDP forward
+    model.wlt_forward = functools.partial(_call_with_model, model)
+    register_fsdp_forward_method(model, "wlt_forward")
+    return model
+
+
+def _call_with_model(model, fn, *args):
+    return fn(model, *args)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Keep only each transformer block's input for backward and recompute the block's activations there
+    (Chen et al. 2016): activation memory falls from every intermediate of every block to one tensor per block
+    plus one block's intermediates, for about one extra forward of compute. Non-reentrant checkpointing keeps
+    the RNG state, so dropout draws the same masks in the recomputation. Under FSDP2 the block's parameters
+    are gathered again for its backward before the recomputation runs."""
+    from torch.utils.checkpoint import checkpoint
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def unique_state_keys(model: nn.Module) -> set:
+    """State-dict keys without tied duplicates (e.g. lm_head.weight tied to the input embedding)."""
+    keys = {n for n, _ in model.named_parameters()}
+    keys |= {n for n, _ in model.named_buffers()}
+    return keys
+
+
+def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool = False, lora: dict | None = None,
+                activation_checkpointing: bool = False) -> tuple[nn.Module, set]:
+    """The model a trainer trains, on `dev`; under torchrun sharded with FSDP2. Returns (model, keep) where
+    keep = state-dict keys without tied duplicates. lora: wlt.add_lora's keyword arguments, or None.
+
+    One process: load the weights, add LoRA (seeded), move to dev. N processes: only rank 0 reads the weights
+    (into CPU memory: one copy in the whole job, not one per rank, which is what lets a 7B model start on a
+    node of 8 GPUs); every rank builds the same architecture on the meta device (no memory), shards it (one
+    FSDP2 unit per block + the root), allocates only its own shards (to_empty) and receives them from rank 0
+    (set_model_state_dict with broadcast_from_rank0). Buffers that are not in a state dict (rotary
+    frequencies, causal masks) are broadcast too. LoRA weights are drawn once, on rank 0, with the seed of
+    the one-process path, and travel with the rest: every rank holds the same adapter, and N processes start
+    from exactly the weights of one."""
+    set_seed(seed)
+    W = world_size()
+    full = None
+    if W == 1 or rank() == 0:
+        full = load_model(path, trust_remote_code)
+        if lora:
+            set_seed(seed)
+            wlt.add_lora(full, **lora)
+    if W == 1:
+        if activation_checkpointing:
+            enable_activation_checkpointing(full)
+        return full.to(dev), unique_state_keys(full)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        if lora:
+            wlt.add_lora(model, **lora)
+    keep = unique_state_keys(model)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    shard_model(model, dev)
+    model.to_empty(device=dev)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    src = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if full is not None:
+                buf.copy_(src[name])
+            torch.distributed.broadcast(buf, src=0)
+    if full is not None:
+        model.generation_config = full.generation_config
+    del full
+    return model, keep
+
+
+def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout: float = 0.0, lora_targets=None):
+    """Every rank: the same weights (build_model), optional LoRA, sharded under torchrun.
+    Returns (model, tokenizer, device, keep) where keep = state-dict keys without tied duplicates."""
+    init_distributed()
+    dev = device()
+    check_model_dir(args.model)  # before the tokenizer, so a folder without weights is named as such
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets) if lora_rank > 0 else None
+    model, keep = build_model(args.model, dev, args.seed, args.trust_remote_code, lora,
+                              getattr(args, "activation_checkpointing", False))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensor.numel() is the global size
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model {args.model}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable, "
+        f"device {dev}, {world_size()} process(es)")
+    return model, tok, dev, keep
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state dict on CPU, on rank 0 (other ranks get {}). Under FSDP2 this is a collective:
+    every rank must call it; parameters are gathered one at a time, so no rank but 0 ever holds the model."""
+    if world_size() > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if rank() == 0 else {}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def memory_report(model: nn.Module, opt) -> dict:
+    """What one rank holds, in MiB, the largest over the ranks: its shards of the parameters and of the
+    optimizer state (AdamW moments), counted from the tensors themselves; on CUDA also the allocator's peak.
+    Under FSDP2 with N ranks the first two are about 1/N of a one-process run's. A collective."""
+    params = sum(_local_bytes(p) for p in model.parameters())
+    optim = sum(_local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    vals = all_reduce_sum(torch.tensor([params, optim, cuda_peak], dtype=torch.float64), op="MAX")
+    mib = [float(v) / 2 ** 20 for v in vals]
+    out = {"params_mib_per_rank": mib[0], "optimizer_mib_per_rank": mib[1]}
+    if torch.cuda.is_available():
+        out["cuda_peak_mib_per_rank"] = mib[2]
+    return out
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data parallelism
+
+
+def micro_batches(batch: list[int], micro: int) -> list[tuple[list[int], list[float]]]:
+    """This rank's share of a global batch (items rank::world_size), cut into micro-batches.
+
+    Every rank gets the same number of micro-batches (FSDP collectives run in every forward); a rank short
+    of items pads with a copy of the batch's first item at weight 0, which adds nothing to loss or metrics.
+    Returns [(indices, weights)]."""
+    W, r = world_size(), rank()
+    mine = batch[r::W]
+    steps = max(1, math.ceil(math.ceil(len(batch) / W) / micro))
+    out = []
+    for j in range(steps):
+        idx = mine[j * micro:(j + 1) * micro]
+        w = [1.0] * len(idx)
+        if not idx:
+            idx, w = [batch[0]], [0.0]
+        out.append((idx, w))
+    return out
+
+
+def sharded_map(n: int, micro: int, fn, *args) -> torch.Tensor:
+    """fn(indices, *args) -> Tensor[len(indices), k] over the items 0..n-1, split over the ranks; the result
+    on every rank as Tensor[n, k] in item order. Every rank runs the same number of calls (padding with item
+    0), as FSDP's collectives need."""
+    W, r = world_size(), rank()
+    per = math.ceil(n / W)
+    mine = list(range(r, n, W))
+    mine += [0] * (per - len(mine))
+    parts = [fn(mine[s:s + micro], *args).float().cpu() for s in range(0, per, micro)]
+    local = torch.cat(parts) if parts else torch.zeros(0, 1)
+    if W == 1:
+        return local[:n]
+    dev = device() if torch.cuda.is_available() else torch.device("cpu")
+    gathered = [torch.empty_like(local, device=dev) for _ in range(W)]
+    torch.distributed.all_gather(gathered, local.to(dev))
+    full = torch.stack([g.cpu() for g in gathered], dim=1).reshape(W * per, -1)  # row r + W*j
+    return full[:n]

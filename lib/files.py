@@ -1,0 +1,104 @@
+"""Files: written whole or not at all (write to a temporary name, then rename), JSON lines read with
+file:line errors, and the fingerprints that tell whether an input changed since a stage last ran."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+
+import wlt
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write a file through `write_fn(tmp_path)` then rename, so a reader never sees a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, w)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str, rows) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, w)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: str):
+    """Yield (line_number, row) for each non-blank line; a malformed line is an error naming file:line."""
+    if not os.path.isfile(path):
+        raise wlt.WltError(f"{path}: no such file")
+    with open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise wlt.WltError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise wlt.WltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+def remove_dir(path: str) -> None:
+    """Delete a folder so that a kill half-way cannot leave a partial copy under its name: rename, then delete."""
+    if os.path.isdir(path):
+        trash = f"{path}.trash.{os.getpid()}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def fingerprint(path: str | None):
+    """What identifies an input without reading it: [name, size, mtime] of a file, or of every file in a model
+    folder (a retrained upstream stage rewrites its files, so its fingerprint changes). A trainer's own
+    bookkeeping in its folder (metrics.jsonl, mid-run checkpoint*/ folders) is left out."""
+    if not path or not os.path.exists(path):
+        return path  # a hub name, or nothing
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+    out = []
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            if f != "metrics.jsonl" and not os.path.relpath(root, path).startswith("checkpoint"):
+                st = os.stat(os.path.join(root, f))
+                out.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def same_settings(marker: str, settings: dict, inputs: dict, ignore=("resume",)) -> bool:
+    """True when a stage's completion marker (a JSON file with "args" and "inputs", written last) records the
+    same settings (except `ignore`) and the same input fingerprints: the stage's output is current."""
+    try:
+        prev = read_json(marker)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return prev.get("inputs") == inputs and all(
+        prev.get("args", {}).get(k) == v for k, v in settings.items() if k not in ignore)

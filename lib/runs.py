@@ -1,0 +1,122 @@
+"""The run folder (runs/NAME): its config.json, where each stage reads and writes, and what must be finished
+before a stage may start. Every script takes `--run-dir runs/NAME` (default: runs/synthetic, launch.sh's
+offline world, prepared on first use) or explicit paths.
+
+    runs/NAME/config.json                 every setting of the run (`python wlt.py prepare`)
+    runs/NAME/data/labeled.jsonl          D_l        unlabeled.jsonl  D_u (human order)   test.jsonl
+    runs/NAME/teacher/sft/, teacher/dpo/  the weak teacher's reference and pi_w
+    runs/NAME/data/weak.jsonl             D_u in the teacher's order (label.py)
+    runs/NAME/student/sft/, student/dpo-weak/, student/dpo-human/
+    runs/NAME/eval/                       results.md, results.json, generations.jsonl
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import wlt
+from lib import dist, prepare
+from lib.console import log, one_line
+from lib.files import read_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RUN = os.path.join(REPO, "runs", "synthetic")  # launch.sh's default run, wherever a script is started
+
+# Each stage's output in a run folder: the file that marks it finished (written last), what it is, and the
+# command that makes it.
+STAGES = {
+    "prepare": ("config.json", "no prepared run", "python wlt.py prepare --data synthetic --out {run}"),
+    "teacher/sft": ("teacher/sft/train_config.json", "no finished training of the teacher's SFT",
+                    "torchrun train_sft.py --teacher{at}"),
+    "teacher/dpo": ("teacher/dpo/train_config.json", "no finished training of the teacher's DPO",
+                    "torchrun train_dpo.py --teacher{at}"),
+    "weak labels": ("data/weak.summary.json", "no finished weak labels", "torchrun label.py --teacher{at}"),
+    "student/sft": ("student/sft/train_config.json", "no finished training of the student's SFT",
+                    "torchrun train_sft.py --student{at}"),
+}
+
+
+def shown(path: str) -> str:
+    """A path as a message shows it: relative to the current folder when it lies below it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def stage_command(run: str, stage: str) -> str:
+    at = "" if os.path.abspath(run) == DEFAULT_RUN else f" --run-dir {shown(run)}"
+    return STAGES[stage][2].format(run=shown(run), at=at)
+
+
+def finished(run: str, stage: str) -> bool:
+    return os.path.isfile(os.path.join(run, STAGES[stage][0]))
+
+
+def require(run: str, stage: str) -> None:
+    """Stop with one line naming the command to run first, unless `stage` of the run is finished."""
+    if not finished(run, stage):
+        marker, what, _ = STAGES[stage]
+        raise wlt.WltError(f"{shown(run)}: {what} (no {marker}); run `{stage_command(run, stage)}` first")
+
+
+def prepare_default_run() -> None:
+    """The default run is launch.sh's offline world: prepared here on first use, with the settings launch.sh
+    uses, so that launch.sh later finds it prepared. Another run folder must be prepared explicitly."""
+    dist.init_distributed()
+    if dist.rank() == 0 and not finished(DEFAULT_RUN, "prepare"):
+        log(f"{shown(DEFAULT_RUN)}: preparing the default synthetic world (first use)")
+        prepare.prepare(prepare.parse_args(["--data", "synthetic", "--out", DEFAULT_RUN]))
+    dist.barrier()
+
+
+def read_run_config(run: str) -> dict:
+    """runs/NAME/config.json, as `wlt.py prepare` wrote it (a clear error when it is missing or broken)."""
+    if os.path.abspath(run) == DEFAULT_RUN and not finished(run, "prepare"):
+        prepare_default_run()
+    require(run, "prepare")
+    path = os.path.join(run, "config.json")
+    try:
+        cfg = read_json(path)
+    except json.JSONDecodeError as e:
+        raise wlt.WltError(f"{path}: not a run config made by `wlt.py prepare` ({one_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise wlt.WltError(f"{path}: not a run config made by `wlt.py prepare`")
+    return cfg
+
+
+def run_defaults(run: str, script: str, role: str) -> dict:
+    """A stage's defaults from runs/NAME/config.json (explicit flags override them)."""
+    cfg = read_run_config(run)
+    try:
+        return dict(cfg["train"][script].get(role, {}))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise wlt.WltError(f"{os.path.join(run, 'config.json')}: not a run config made by `wlt.py prepare` "
+                           f"({one_line(e)})") from None
+
+
+def summary_path(out: str) -> str:
+    """label.py's summary beside its output (OUT.jsonl -> OUT.summary.json), written last: its completion marker."""
+    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+
+
+def trainer_paths(run: str, script: str, role: str, labels: str | None, given: dict) -> dict:
+    """model, data and out of a trainer's role in the run; `given` holds the paths the user gave explicitly,
+    which win. What the role reads from the run must be finished (else: the command to run first)."""
+    d = functools.partial(os.path.join, run)
+    if script == "train_sft.py":
+        paths = {"data": d("data", "labeled.jsonl"), "out": d(role, "sft")}
+        needs = {}
+    elif role == "teacher":
+        paths = {"model": d("teacher", "sft"), "data": d("data", "labeled.jsonl"), "out": d("teacher", "dpo")}
+        needs = {"model": "teacher/sft"}
+    else:
+        if not labels:
+            raise wlt.WltError("--student needs --labels weak (the teacher's labels, data/weak.jsonl) or --labels "
+                               "human (the control, data/unlabeled.jsonl)")
+        data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[labels]
+        paths = {"model": d("student", "sft"), "data": d("data", data), "out": d("student", f"dpo-{labels}")}
+        needs = {"model": "student/sft", "data": "weak labels" if labels == "weak" else None}
+    for key, stage in needs.items():
+        if stage and given.get(key) is None:
+            require(run, stage)
+    return paths

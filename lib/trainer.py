@@ -1,0 +1,339 @@
+"""What train_sft.py and train_dpo.py share: their flags, a role's paths in the run folder, the data, the batch
+plan, and the loop's bookkeeping (Loop): this rank's micro-batches, the optimizer update at the end of a step,
+metrics, held-out evaluation turns, mid-run checkpoints, and the final save."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.nn as nn
+
+import wlt
+from lib import checkpoint, dist, runs
+from lib.console import argument_parser, log, progress, rank, world_size
+from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
+from lib.files import fingerprint, same_settings, write_json, write_text
+
+
+def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
+    """The flags both trainers take; kind "sft" or "dpo" sets the paper's batch size."""
+    ap = argument_parser(doc)
+    g = ap.add_argument_group("what to train: a role in a run folder, or explicit paths")
+    role = g.add_mutually_exclusive_group()
+    role.add_argument("--teacher", action="store_true", help="the weak teacher (the small model) of the run")
+    role.add_argument("--student", action="store_true", help="the student (the bigger model) of the run")
+    g.add_argument("--run-dir", default=None,
+                   help=f"run folder made by `python wlt.py prepare` (with --teacher/--student; default "
+                        f"{runs.shown(runs.DEFAULT_RUN)}, launch.sh's offline world, prepared on first use); "
+                        f"it gives model, data, out and the default settings")
+    g.add_argument("--model", default=None, help="HF model name or folder to start from")
+    g.add_argument("--data", default=None, help="pair file (.jsonl: prompt, chosen, rejected)")
+    g.add_argument("--out", default=None, help="output folder (HF checkpoint, metrics.jsonl, train_config.json)")
+    t = ap.add_argument_group("optimisation")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the run's config.json; without a run, SFT 2e-5, DPO 5e-5 "
+                        "with LoRA and 5e-7 full)")
+    t.add_argument("--epochs", type=int, default=1, help="passes over the data (paper: 1)")
+    t.add_argument("--batch-size", type=int, default=32 if kind == "sft" else 16,
+                   help="global batch in %s over all processes (paper: SFT 32, DPO 16)"
+                        % ("sequences" if kind == "sft" else "pairs"))
+    t.add_argument("--micro-batch-size", type=int, default=None,
+                   help="per-process micro-batch; gradients accumulate up to --batch-size (default: no accumulation)")
+    t.add_argument("--max-len", type=int, default=512, help="tokens per sequence; longer prompts lose tokens from the left")
+    t.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps, then cosine to 0")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    t.add_argument("--seed", type=int, default=0, help="seed of data order and LoRA init (the same on every process)")
+    t.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many optimizer steps (0: all epochs); the schedule fits them")
+    o = ap.add_argument_group("bookkeeping")
+    o.add_argument("--eval-pairs", type=int, default=64, help="held-out slice of the data, excluded from training (0: none)")
+    o.add_argument("--eval-every", type=int, default=50, help="evaluate the held-out slice every N steps (and at the end)")
+    o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU")
+    o.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in backward instead of storing them "
+                        "(less memory, about one more forward of compute); DPO then runs prompts unshared")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from --out's newest mid-run checkpoint when it was made with the same settings and "
+                        "inputs; exit at once if --out holds a finished run with the same settings and inputs")
+    o.add_argument("--save-every", type=int, default=100,
+                   help="write a mid-run checkpoint (trainable weights, optimizer, scheduler, RNG, step) every N "
+                        "steps (0: never)")
+    o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
+    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Namespace, dict]:
+    """Parse the flags. With --teacher/--student, model/data/out come from the role in the run folder and the
+    defaults from its config.json; explicit flags always win. Returns (args, the run's settings that are not
+    flags, e.g. DPO's lr_lora / lr_full)."""
+    args, _ = ap.parse_known_args()
+    extra = {}
+    if args.teacher or args.student:
+        run = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)  # one spelling, so reruns compare equal
+        role = "teacher" if args.teacher else "student"
+        given = {k: getattr(args, k) for k in ("model", "data", "out")}
+        d = runs.run_defaults(run, script, role)
+        d.update(runs.trainer_paths(run, script, role, getattr(args, "labels", None), given), run_dir=run)
+        ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
+        extra = {k: v for k, v in d.items() if k not in vars(args)}
+    elif args.run_dir:
+        ap.error("--run-dir needs --teacher or --student")
+    args = ap.parse_args()
+    for k in ("model", "data", "out"):
+        if getattr(args, k) is None:
+            ap.error(f"--{k} is required (or --teacher / --student: a stage of the run in --run-dir)")
+    return args, extra
+
+
+def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
+    """Read and tokenize the pair file; fit to --max-len; carve the held-out slice. Returns (train, eval,
+    stats). Skipped rows are counted (or fatal under --strict) and reported."""
+    skips, locs = Skips(strict=args.strict), []
+    pairs = read_pairs(args.data, skips, locs)
+    n_rows = len(pairs) + skips.total()
+    if not pairs:
+        raise wlt.WltError(f"{args.data}: no usable pairs")
+    exs, fallbacks = tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")
+    if kind == "sft":  # SFT reads the chosen response only
+        exs = [dict(e, rejected_ids=[]) for e in exs]
+    kept = [exs[i] for i in usable_pairs(exs, locs, args.max_len, skips,
+                                         responses=("chosen",) if kind == "sft" else ("chosen", "rejected"))]
+    skips.report(args.data)
+    order = list(range(len(kept)))
+    random.Random(args.seed).shuffle(order)
+    n_eval = min(args.eval_pairs, len(kept) // 10)
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(kept) if i not in held]
+    evals = [kept[i] for i in sorted(held)]
+    stats = {"rows": n_rows, "pairs": len(kept), "train": len(train), "eval": len(evals),
+             "tokenizer_fallbacks": fallbacks, "skipped": skips.as_dict()}
+    log(f"{args.data}: {len(train)} training, {len(evals)} held-out"
+        + (f", {skips.total()} skipped" if skips.total() else ""))
+    if not train:
+        raise wlt.WltError(f"{args.data}: nothing left to train on")
+    return train, evals, stats
+
+
+def batch_plan(n: int, batch_size: int, epochs: int, seed: int, max_steps: int = 0) -> list[list[int]]:
+    """Global batches of example indices: a fresh seeded permutation per epoch; the last batch of an
+    epoch may be smaller (every example is used once per epoch). max_steps > 0 cuts the plan short."""
+    plan = []
+    for ep in range(epochs):
+        order = list(range(n))
+        random.Random(seed * 1000 + ep).shuffle(order)
+        plan += [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    return plan[:max_steps] if max_steps > 0 else plan
+
+
+def micro_batch_size(args) -> int:
+    return args.micro_batch_size or max(1, args.batch_size // world_size())
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def build_optimizer(model: nn.Module, args, total_steps: int):
+    # FSDP2 keeps the root unit unsharded after a no_grad forward (e.g. DPO's reference pass): its parameters
+    # are then plain full tensors that never receive gradients. Reshard so we collect the sharded DTensors.
+    if hasattr(model, "reshard"):
+        model.reshard()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
+    return params, opt, sched
+
+
+def clip_grads(params, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (<= 0: no clipping) and return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def stop_if_not_finite(what: str, value: float, step: int) -> None:
+    """A NaN or infinite loss or gradient norm ends training before the optimizer update of `step`."""
+    if not math.isfinite(value):
+        raise wlt.WltError(f"{what} is {value} at step {step}; stopping before the update, nothing saved from this "
+                           f"step (the last checkpoint, if any, is intact)")
+
+
+class MetricsLog:
+    """metrics.jsonl in the output folder, written by rank 0 only, one JSON object per line."""
+
+    def __init__(self, out_dir: str, start_step: int = 0):
+        """start_step > 0 (a resumed run): keep the rows of steps 1..start_step, drop later ones (written after
+        the checkpoint the run resumes from), so every step appears exactly once."""
+        self.f = None
+        if rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, "metrics.jsonl")
+            keep = []
+            if start_step and os.path.isfile(path):
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:  # a line cut by a kill
+                            continue
+                        if row.get("step", 0) <= start_step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+            write_text(path, "".join(keep))  # atomically: a kill here keeps the old file
+            self.f = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# start and end of a training run
+
+
+def checkpoint_settings(args) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (how often it is saved does not matter)."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every")}
+
+
+def begin(args) -> dict | None:
+    """Start of a training run. Returns None when --resume finds a finished run in --out with the same
+    settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
+    (train_config.json) and adapter/, so a crash can never leave a folder that looks finished, and returns
+    the inputs' fingerprints for finish()."""
+    dist.init_distributed()
+    inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
+    marker = os.path.join(args.out, "train_config.json")
+    if args.resume and os.path.isfile(marker):
+        if same_settings(marker, vars(args), inputs, ignore=("resume", "save_every")):
+            log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--resume)")
+            if rank() == 0:  # a kill inside finish() can leave the last checkpoint behind
+                checkpoint.remove_checkpoints(args.out)
+            return None
+        log(f"{args.out}: settings or inputs changed since the finished run there; training again")
+    if rank() == 0:
+        if os.path.isfile(marker):
+            os.remove(marker)
+        shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)
+        if not args.resume:  # a fresh start: an old mid-run checkpoint must not be picked up later
+            checkpoint.remove_checkpoints(args.out)
+    dist.barrier()
+    return inputs
+
+
+def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs: dict) -> None:
+    """The end of a training run: the full state dict gathered to rank 0 (a collective under FSDP2), written as
+    an HF checkpoint; with LoRA, the merged model plus adapter/ in PEFT's layout. Then train_config.json, last:
+    the resolved settings, data counts, per-rank memory and the inputs' fingerprints; its presence marks a
+    complete output, and the mid-run checkpoint is removed."""
+    stats["memory"] = dist.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
+    sd = dist.full_state_dict(model)
+    lora = getattr(model, "wlt_lora", None)
+    if rank() == 0:
+        if lora:
+            merged, adapter = wlt.split_lora_state_dict(sd, lora)
+            checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep)
+            checkpoint.save_adapter(args.out, adapter, lora, os.path.abspath(args.model))
+        else:
+            checkpoint.save_hf_checkpoint(args.out, sd, model, tok, keep)
+        log(f"saved {args.out}")
+        write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
+        checkpoint.remove_checkpoints(args.out)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop's bookkeeping
+
+
+class Loop:
+    """The bookkeeping of a training loop, the same for both trainers. A script's loop reads
+
+        for step in loop.steps():
+            sums = {...}                                     # named metrics, weighted sums over this rank's pairs
+            for idx, w in loop.micro_batches(step):          # this rank's share of the global batch
+                ... forward, loss.backward(), add to sums
+            row = loop.update(step, sums, tokens)            # all ranks' means; NaN stops; clip; optimizer step
+            if loop.eval_due(step): row.update(held-out metrics)
+            loop.log(row)                                    # metrics.jsonl, progress, mid-run checkpoint
+
+    Building it makes the optimizer and the schedule, and with --resume restores a matching mid-run checkpoint
+    (weights, optimizer, schedule, RNG; the data position is the step, since the plan is fixed by the seed)."""
+
+    def __init__(self, args, model: nn.Module, plan: list[list[int]], inputs: dict, desc: str, n_eval: int):
+        self.args, self.model, self.plan, self.inputs, self.n_eval = args, model, plan, inputs, n_eval
+        self.params, self.opt, self.sched = build_optimizer(model, args, len(plan))
+        self.settings = checkpoint_settings(args)
+        path, self.start = (checkpoint.checkpoint_to_resume(args.out, self.settings, inputs)
+                            if args.resume else (None, 0))
+        if path:
+            checkpoint.load_checkpoint(path, model, self.opt, self.sched)
+        self.micro = micro_batch_size(args)
+        self.metrics = MetricsLog(args.out, self.start)
+        self.bar = progress(len(plan), desc, "step", initial=self.start)
+        self.t0, self.tokens = time.time(), 0
+
+    def steps(self) -> range:
+        return range(self.start, len(self.plan))
+
+    def micro_batches(self, step: int):
+        """Yield (indices, weights) of this rank's micro-batches of global batch `step` (dist.micro_batches).
+        Under FSDP2 gradients are reduce-scattered once per step, after the last micro-batch."""
+        mbs = dist.micro_batches(self.plan[step], self.micro)
+        for j, mb in enumerate(mbs):
+            if world_size() > 1:
+                self.model.set_requires_gradient_sync(j == len(mbs) - 1)
+            yield mb
+
+    def update(self, step: int, sums: dict, count: float, tokens: int) -> dict:
+        """The end of a step. sums: named metrics as weighted sums over this rank's items; count: this rank's
+        share of what they are averaged over (pairs, or response tokens); tokens: tokens this rank ran through
+        the model. Averages over every micro-batch of every rank, stops on a NaN/inf loss or gradient norm
+        before the update, clips, steps optimizer and schedule. Returns the step's metrics row."""
+        self.tokens += tokens
+        totals = dist.all_reduce_sum(torch.tensor([*sums.values(), count, float(self.tokens)], dtype=torch.float64))
+        means = {k: float(totals[i] / totals[-2]) for i, k in enumerate(sums)}
+        stop_if_not_finite("loss", means["loss"], step + 1)  # before the update: nothing corrupt reaches the weights
+        grad_norm = clip_grads(self.params, self.args.max_grad_norm)
+        stop_if_not_finite("gradient norm", grad_norm, step + 1)  # a finite loss can have inf/NaN gradients
+        lr_now = self.sched.get_last_lr()[0]  # the rate this step uses
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"step": step + 1, **means, "lr": lr_now, "grad_norm": grad_norm,
+                "tokens/s": float(totals[-1]) / max(1e-9, time.time() - self.t0)}
+
+    def eval_due(self, step: int) -> bool:
+        return self.n_eval > 0 and ((step + 1) % self.args.eval_every == 0 or step + 1 == len(self.plan))
+
+    def log(self, row: dict, shown: tuple = ("loss",)) -> None:
+        """Write the row, show it on the progress bar, and save a mid-run checkpoint when one is due."""
+        self.metrics.write(row)
+        self.bar.update(1)
+        self.bar.set_postfix(**{k.split("/")[-1]: f"{row[k]:.4f}" for k in shown if k in row})
+        step = row["step"]
+        if self.args.save_every and step % self.args.save_every == 0 and step < len(self.plan):
+            checkpoint.save_checkpoint(self.args.out, self.model, self.opt, self.sched, step, self.settings, self.inputs)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()

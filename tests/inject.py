@@ -1,0 +1,51 @@
+"""Fault injection from outside the code under test: run a project script as `python SCRIPT ARGS` runs it, with
+the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point of the library it calls.
+
+    python tests/inject.py step:N[@RANK] SCRIPT ARGS...    just before the N-th optimizer update of this process
+    python tests/inject.py batch:N[@RANK] SCRIPT ARGS...   just after label.py / evaluate.py record their N-th batch
+
+RANK (default 0) is the torchrun rank that dies; the others run on. The project's scripts hold no test hooks:
+the point is found through torch's global optimizer step hook and by wrapping lib.resumable.Partial.add."""
+import os
+import runpy
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def die_at(n: int):
+    calls = [0]
+
+    def count(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return count
+
+
+def main() -> None:
+    point, script, *argv = sys.argv[1:]
+    kind, _, where = point.partition(":")
+    n, _, rank = where.partition("@")
+    sys.path.insert(0, ROOT)
+    if os.environ.get("RANK", "0") == (rank or "0"):
+        if kind == "step":
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+            register_optimizer_step_pre_hook(die_at(int(n)))
+        elif kind == "batch":
+            from lib import resumable
+            add, after = resumable.Partial.add, die_at(int(n))
+
+            def add_then_count(self, key, value):
+                add(self, key, value)
+                after()
+            resumable.Partial.add = add_then_count
+        else:
+            raise SystemExit(f"inject.py: unknown point {point!r} (step:N or batch:N)")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
