@@ -47,7 +47,7 @@ ROLE_NAMES = {"base": "base model", "sft": "SFT (reference)", "human": "pi_human
               "weak": "pi_weak (DPO, weak labels)"}
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argument_parser(__doc__)
     g = ap.add_argument_group("what to evaluate: the policies of a run, or explicit ones")
     g.add_argument("--run-dir", default=None,
@@ -80,6 +80,11 @@ def parse_args() -> argparse.Namespace:
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     o.add_argument("--overwrite", action="store_true", help="evaluate again even if complete results with the same settings exist")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    return ap
+
+
+def parse_args() -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args()
     if args.policy and not args.run_dir and not (args.prompts and args.out):
         ap.error("--policy without --run-dir needs --prompts and --out")

@@ -28,7 +28,7 @@ from lib.models import check_model_dir, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argument_parser(__doc__)
     g = ap.add_argument_group("what to label: the run's weak teacher, or explicit paths")
     g.add_argument("--teacher", action="store_true",
@@ -55,6 +55,11 @@ def parse_args() -> argparse.Namespace:
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
     o.add_argument("--overwrite", action="store_true", help="relabel even if a complete output with the same settings exists")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    return ap
+
+
+def parse_args() -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args()
     if args.teacher:
         resolve_teacher(args)

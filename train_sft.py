@@ -20,8 +20,12 @@ from lib.data import pad_id
 from lib.prepare import SFT_LR
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return trainer.argument_parser_for(__doc__, "sft")
+
+
 def parse_args() -> argparse.Namespace:
-    ap = trainer.argument_parser_for(__doc__, "sft")
+    ap = build_parser()
     args, _ = trainer.parse_args(ap, "train_sft.py")
     if args.lr is None:
         args.lr = SFT_LR

@@ -11,8 +11,7 @@ def main() -> None:
     run_main(cli)
 
 
-def cli() -> None:
-    """Parse `wlt.py prepare|estimate ...` and run it (errors propagate; main() turns them into one line)."""
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wlt.py", description="prepare a run, or estimate a training run's memory")
     sub = ap.add_subparsers(dest="cmd", required=True)
     prepare.add_arguments(sub.add_parser("prepare", help="materialise a run's data splits (data/*.jsonl) and config.json",
@@ -20,7 +19,12 @@ def cli() -> None:
     estimate.add_arguments(sub.add_parser("estimate", help="expected memory per device of a training run (weights, "
                                                            "gradients, optimizer, activations), before launching it",
                                           description=estimate.__doc__.split("\n\n")[0], formatter_class=HelpFormatter))
-    args = ap.parse_args()
+    return ap
+
+
+def cli() -> None:
+    """Parse `wlt.py prepare|estimate ...` and run it (errors propagate; main() turns them into one line)."""
+    args = build_parser().parse_args()
     if args.cmd == "prepare":
         prepare.prepare(args)
     else:

@@ -32,6 +32,11 @@ def one_line(e: Exception, limit: int = 300) -> str:
 
 def run_main(main) -> None:
     """Run a script's main(); a wlt.WltError becomes a one-line message and exit code 1."""
+    if not sys.stderr.isatty():  # the libraries' own bars (loading weights) are a terminal's, not a log file's
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        import datasets
+        datasets.disable_progress_bars()
     try:
         main()
     except wlt.WltError as e:

@@ -1,0 +1,100 @@
+"""The command line as users type it: flags that torchrun passes through untouched, --help that names each
+default once, progress that stays a few lines in a log file, and stages that refuse to start before their
+input exists, naming the command to run first."""
+import argparse
+import io
+import os
+import re
+import shutil
+import sys
+
+import pytest
+from torch.distributed.run import get_args_parser
+
+from conftest import ROOT, run_script
+
+import evaluate
+import label
+import train_dpo
+import train_sft
+from lib import commands, console, runs
+
+TORCHRUN_SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "label.py": label, "evaluate.py": evaluate}
+
+
+def long_options(ap: argparse.ArgumentParser) -> list[str]:
+    return [s for a in ap._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+
+
+def all_parsers() -> list[argparse.ArgumentParser]:
+    out = [m.build_parser() for m in TORCHRUN_SCRIPTS.values()]
+    top = commands.build_parser()
+    out += [p for a in top._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(TORCHRUN_SCRIPTS))
+def test_no_script_flag_is_swallowed_by_torchrun(script):
+    """torchrun's parser accepts abbreviations of its own options anywhere on the line: a script flag that is
+    a prefix of one of them (`--run` of `--run-path`, `--no` of `--no-python`) never reaches the script."""
+    torchrun = get_args_parser()
+    theirs = [s for a in torchrun._actions for s in a.option_strings]
+    for opt in long_options(TORCHRUN_SCRIPTS[script].build_parser()):
+        clashes = [t for t in theirs if t.startswith(opt)]
+        assert not clashes, f"{script} {opt} is an abbreviation of torchrun's {clashes}"
+        for argv in ([opt, "x"], [opt + "=x"]):  # and torchrun really hands it over as typed
+            assert torchrun.parse_args([script, *argv]).training_script_args == argv
+
+
+def test_help_names_each_default_once():
+    for ap in all_parsers():
+        text = ap.format_help()
+        for block in re.split(r"\n(?=  -)", text):  # one block per flag
+            flag = block.split()[0]
+            assert len(re.findall(r"\(default", block)) <= 1, f"{ap.prog} {flag}: {' '.join(block.split())}"
+        for a in ap._actions:  # a flag with a real default says it
+            if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and a.dest != "help":
+                block = next(b for b in re.split(r"\n(?=  -)", text) if b.split()[0].rstrip(",") in a.option_strings)
+                assert "default" in block.lower() or "paper:" in block, f"{ap.prog} {a.option_strings}: no default"
+
+
+def test_progress_is_a_few_plain_lines_when_stderr_is_not_a_terminal(monkeypatch):
+    err = io.StringIO()  # not a tty, like a log file, nohup or CI
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = console.progress(5000, "label", unit="pairs")
+    for _ in range(5000):
+        bar.update(1)
+    bar.close()
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue()
+    assert 2 <= len(lines) <= 12, lines
+    assert lines[-1].startswith("label: 5000/5000 pairs (100%)")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("cli") / "run")
+    run_script(os.path.join(ROOT, "wlt.py"), "prepare", "--data", "synthetic", "--out", run, "--num-pairs", "100",
+               "--num-test", "10")
+    return run
+
+
+@pytest.mark.parametrize("script,argv,done,stage", [
+    ("train_dpo.py", ["--teacher"], [], "teacher/sft"),
+    ("label.py", ["--teacher"], ["teacher/sft"], "teacher/dpo"),
+    ("train_dpo.py", ["--student", "--labels", "human"], [], "student/sft"),
+    ("train_dpo.py", ["--student", "--labels", "weak"], ["student/sft"], "weak labels"),
+])
+def test_a_stage_before_its_input_names_the_command_to_run_first(prepared, tmp_path, script, argv, done, stage):
+    run = str(tmp_path / "run")
+    shutil.copytree(prepared, run)
+    for finished in done:  # only these stages are finished (their markers are all a stage looks at first)
+        marker = os.path.join(run, runs.STAGES[finished][0])
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("{}")
+    p = run_script(os.path.join(ROOT, script), *argv, "--run-dir", run, check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 1 and len(errors) == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert f"run `{runs.stage_command(run, stage)}` first" in errors[0], errors[0]
