@@ -30,15 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", choices=["weak", "human"], default=None,
                    help="with --student: the teacher's labels (data/weak.jsonl) or the human control (data/unlabeled.jsonl)")
     d.add_argument("--beta", type=float, default=0.1, help="KL strength beta (paper: 0.1 HH-RLHF, 0.5 TL;DR)")
-    d.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid",
-                   help="sigmoid = DPO, ipo = IPO on summed log-probs, hinge = SLiC (wlt.dpo_loss)")
+    d.add_argument("--loss-type", choices=["sigmoid", "ipo", "ipo-mean", "hinge"], default="sigmoid",
+                   help="sigmoid = DPO; ipo = IPO on summed log-probs, as Azar et al. write it; ipo-mean = IPO on "
+                        "per-token mean log-probs, as TRL computes it (its rewards are then per token too); "
+                        "hinge = SLiC (wlt.dpo_loss)")
     d.add_argument("--label-smoothing", type=float, default=0.0,
                    help="conservative DPO: the assumed label-flip rate (sigmoid loss only)")
     d.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (paper: 8); 0 = full fine-tune")
     d.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (update scaled by alpha/rank)")
     d.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="dropout on the LoRA input, in the training forward only (the reference and held-out "
-                        "rewards stay deterministic)")
+                   help="dropout on the LoRA input, in the training forward only: the training rows' loss, "
+                        "rewards/* and logps/* then carry dropout noise; the reference log-probs, the eval/* rows "
+                        "and label.py's rewards stay deterministic")
     d.add_argument("--lora-targets", default=None,
                    help="comma-separated module-name suffixes (default: per model family, wlt.LORA_TARGETS)")
     d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
@@ -129,9 +132,18 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
     return ref_train, ref_eval
 
 
-def losses_and_rewards(pol: torch.Tensor, ref: torch.Tensor, args):
-    """pol, ref: [B, 2] (chosen, rejected) log-probs -> wlt.dpo_loss's (losses, chosen_rewards, rejected_rewards)."""
-    return wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta, args.loss_type, args.label_smoothing)
+def response_lengths(idx: list[int], items: list[dict], dev: torch.device) -> torch.Tensor:
+    """[len(idx), 2]: tokens of (chosen, rejected) response, EOS included: what response_logps sums over."""
+    return torch.tensor([[len(items[i]["chosen_ids"]), len(items[i]["rejected_ids"])] for i in idx], device=dev)
+
+
+def losses_and_rewards(pol: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor, args):
+    """pol, ref, lengths: [B, 2] (chosen, rejected) -> wlt.dpo_loss's (losses, chosen_rewards, rejected_rewards).
+    ipo-mean is IPO on per-token means (wlt.per_token_mean) of the policy's and the reference's log-probs."""
+    loss_type = args.loss_type
+    if loss_type == "ipo-mean":
+        pol, ref, loss_type = wlt.per_token_mean(pol, lengths), wlt.per_token_mean(ref, lengths), "ipo"
+    return wlt.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.beta, loss_type, args.label_smoothing)
 
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards, pol: torch.Tensor, w: torch.Tensor) -> dict:
@@ -155,7 +167,8 @@ def held_out_metrics(model, evals: list[dict], ref_eval: torch.Tensor, args, mic
     with torch.no_grad():
         pol = dist.sharded_map(len(evals), micro, policy_logps, evals, model, args, pad, dev)
     set_lora_dropout(model, True)
-    sums = pair_metrics(*losses_and_rewards(pol, ref_eval, args), pol, torch.ones(len(evals)))
+    lengths = response_lengths(range(len(evals)), evals, pol.device)
+    sums = pair_metrics(*losses_and_rewards(pol, ref_eval.to(pol.device), lengths, args), pol, torch.ones(len(evals)))
     return {f"eval/{k}": v / len(evals) for k, v in sums.items()}
 
 
@@ -184,7 +197,7 @@ def main():
             pol = policy_logps(idx, train, model, args, pad, dev)                      # [B, 2]
             ref = ref_train[step // per_epoch, idx].to(dev)                            # [B, 2]
             wts = torch.tensor(w, device=dev)                                          # 0: a padding copy
-            losses, rc, rr = losses_and_rewards(pol, ref, args)
+            losses, rc, rr = losses_and_rewards(pol, ref, response_lengths(idx, train, dev), args)
             # the mean over the global batch's pairs; FSDP2 averages gradients over the W processes (its
             # default divisor), so x W turns that average back into the sum (x 1 in a single process)
             ((losses * wts).sum() * dist.world_size() / len(plan[step])).backward()

@@ -236,6 +236,13 @@ def test_ties_are_not_broken_by_the_human_order(teacher, tmp_path):
     assert [r["human_agrees"] for r in rows] == want
     assert 0 < sum(want) < len(want)  # both outcomes occur: the human order was not copied
     assert all(r["chosen_reward"] == r["rejected_reward"] == 0 for r in rows)
+    # the tie-break is a function of the unordered pair: the humans' order swapped, the same text wins
+    swapped = str(tmp_path / "swapped.jsonl")
+    write_jsonl(swapped, [dict(q, chosen=q["rejected"], rejected=q["chosen"]) for q in pairs])
+    run_script(LABEL, "--model", teacher["ref"], "--ref", teacher["ref"], "--data", swapped, "--out", out)
+    again = read_jsonl(out)
+    assert [r["chosen"] for r in again] == [r["chosen"] for r in rows]
+    assert [r["human_agrees"] for r in again] == [not w for w in want]
 
 
 def test_adapter_only_folder(teacher, labeled, tmp_path):
