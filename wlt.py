@@ -277,7 +277,6 @@ def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]],
                        pad: int) -> torch.Tensor:
     head = head_of(model)
     dev = head["weight"].device
-    B = len(prompts)
     # 1. the prompts, left-padded so that every prompt ends in the last column, once per pair
     ids, pmask = (t.to(dev) for t in pad_batch(prompts, pad, left=True))
     pos = (pmask.cumsum(-1) - 1).clamp(min=0)  # explicit positions: left padding must not shift them
@@ -291,7 +290,8 @@ def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]],
                            position_ids=rpos, use_cache=True, **{kv_cache_kwarg(model.base_model): cache}).last_hidden_state
     # 3. response token j is predicted by the last prompt state (j = 0) or by response state j - 1
     pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(2, 0), hid[:, :-1]], dim=1)  # [2B, R, H]
-    return _summed_logps(pred, rids, rmask.bool(), head).view(B, 2)
+    logps = _summed_logps(pred, rids, rmask.bool(), head)          # [2B]: chosen, rejected, chosen, ...
+    return torch.stack([logps[0::2], logps[1::2]], dim=-1)        # [B, 2], a new tensor: FSDP2 hooks need one
 
 
 def _pair_logps(model, exs: list[dict], pad: int, share: bool) -> torch.Tensor:
