@@ -12,7 +12,6 @@ import torch
 from conftest import FAMILIES, ROOT, make_rm, run_script
 
 import evaluate as ev
-import wlt
 from lib import data, synthetic
 
 EVAL = os.path.join(ROOT, "evaluate.py")
@@ -144,7 +143,7 @@ def test_synthetic_run_end_to_end(synthetic_run, tmp_path):
     cmd = [EVAL, "--run-dir", run, "--out", out, "--num-prompts", "24", "--max-new-tokens", "6", "--batch-size", "5",
            "--policy", f"base={m}/student-base", "--policy", f"sft={m}/teacher-base",
            "--policy", f"human={m}/student-base", "--policy", f"weak={m}/teacher-base"]
-    p = run_script(*cmd)
+    run_script(*cmd)
     res = json.load(open(os.path.join(out, "results.json")))
     gens = read_jsonl(os.path.join(out, "generations.jsonl"))
     assert len(gens) == 4 * 24

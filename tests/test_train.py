@@ -12,7 +12,6 @@ import torch
 
 from conftest import ROOT, run_script
 
-import wlt
 from lib import checkpoint
 
 SFT = os.path.join(ROOT, "train_sft.py")

@@ -12,7 +12,6 @@ import pytest
 import wlt
 from lib import dist, trainer
 import train_dpo
-import train_sft
 from conftest import make_bpe_tokenizer
 
 PAIRS = [{"prompt": f"Human: question {i}? Assistant:", "chosen": f" a good answer {i}.",
