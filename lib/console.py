@@ -42,6 +42,17 @@ def run_main(main) -> None:
     except wlt.WltError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down torchrun's process group before the interpreter exits. Left to the interpreter's own teardown,
+    gloo's worker threads can be destroyed while still joinable, and a rank then aborts after a successful run
+    ("terminate called without an active exception", exit code -6)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class HelpFormatter(argparse.HelpFormatter):
