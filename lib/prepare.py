@@ -110,7 +110,9 @@ def _synthetic_source(args, out: str) -> tuple[dict, dict, str, str, dict]:
 def prepare(args) -> dict | None:
     """Write runs/NAME/data/{labeled,unlabeled,test}.jsonl and config.json. Returns the config, or None when
     config.json already records the same settings and an unchanged source (nothing to do)."""
-    out = args.out
+    # absolute: the paths config.json records (the synthetic models, the tokenizer) must hold from any working
+    # folder, since `torchrun train_sft.py --teacher` may be started outside the repository
+    out = os.path.abspath(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("cmd", "overwrite")}
     inputs = {"data": fingerprint(args.data)}
     marker = os.path.join(out, "config.json")

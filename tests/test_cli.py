@@ -98,3 +98,20 @@ def test_a_stage_before_its_input_names_the_command_to_run_first(prepared, tmp_p
     assert p.returncode == 1 and len(errors) == 1, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert f"run `{runs.stage_command(run, stage)}` first" in errors[0], errors[0]
+
+
+def test_the_default_run_is_prepared_on_first_use_as_launch_sh_prepares_it(tmp_path, monkeypatch, capsys):
+    """`torchrun train_sft.py --teacher` on a fresh clone: runs/synthetic does not exist yet, so it is prepared
+    with launch.sh's settings; launch.sh's own prepare then finds nothing to do."""
+    from lib import prepare
+    run = str(tmp_path / "runs" / "synthetic")
+    monkeypatch.setattr(runs, "DEFAULT_RUN", run)
+    cfg = runs.read_run_config(run)
+    assert os.path.isfile(os.path.join(run, "data", "labeled.jsonl")) and cfg["source"] == "synthetic"
+    assert os.path.isabs(cfg["teacher_model"]) and os.path.isdir(cfg["teacher_model"])
+    with open(os.path.join(ROOT, "launch.sh")) as f:
+        launch = f.read()
+    assert 'PREP=(--data "$DATA" --out "$RUN" --seed "$SEED")' in launch and "SEED=${SEED:-22}" in launch
+    capsys.readouterr()
+    assert prepare.prepare(prepare.parse_args(["--data", "synthetic", "--out", run, "--seed", "22"])) is None
+    assert "nothing to do" in capsys.readouterr().out
