@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = ap.add_argument_group("gold reward")
     r.add_argument("--gold-rm", default=None,
                    help="HF sequence-classification reward model (name or folder); default: exact in the synthetic world")
-    r.add_argument("--rm-format", choices=["auto", "chat", "pair"], default="auto", help="reward model input format (see above)")
+    r.add_argument("--rm-format", choices=["auto", "chat", "pair"], default="auto", help="how the reward model reads a sample: chat = the dialogue through its chat template, pair = (prompt, response) as a text pair; auto = chat when its tokenizer has a chat template, else pair")
     r.add_argument("--rm-batch-size", type=int, default=8, help="sequences per reward-model forward")
     r.add_argument("--rm-max-len", type=int, default=1024, help="reward-model input tokens (truncated from the left beyond)")
     r.add_argument("--analysis-pairs", type=int, default=2000,

@@ -6,7 +6,7 @@
 # rerun only does what is missing; a stage whose settings or inputs changed runs again, and with it every
 # stage that reads its output.
 #
-#   bash launch.sh                  the offline default: the synthetic world, tiny models, CPU (~10 min, 2 cores)
+#   bash launch.sh                  the offline default: the synthetic world, tiny models, CPU (~2 min on 2 cores)
 #   bash launch.sh hh               OPT-125M teacher, OPT-1.3B student, Anthropic/hh-rlhf, beta 0.1,
 #                                   gold reward Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback
 #   bash launch.sh tldr             the same on TL;DR (CarperAI/openai_summarize_comparisons), beta 0.5,
@@ -14,7 +14,7 @@
 #   bash launch.sh PRESET EXPERIMENT [flags]   then one of the paper's ablations (extras/experiments.py: fractions,
 #                                   teachers, subsets, beta, seeds, sft-ref, all)
 #
-# Settings (environment variables; README "launch.sh settings"):
+# Settings (environment variables; docs/scripts.md, "launch.sh"):
 #   RUN      run directory (default runs/PRESET)          NPROC   processes per stage (>1: torchrun)
 #   PYTHON   interpreter (default python3)                DATA    data source: hub name or local file/folder
 #   TEACHER  teacher base model                           STUDENT student base model

@@ -404,7 +404,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed of the random-noise control (subsets)")
     ap.add_argument("--judge", default=None,
                     help="teachers: also label D_u with an LLM judge: a local HF chat model folder, or an "
-                         "OpenAI-compatible base URL (http://host:port/v1); see judge.py")
+                         "OpenAI-compatible base URL (http://host:port/v1); see extras/judge.py")
     ap.add_argument("--judge-model", default=None, help="the model name to ask at --judge's URL")
     args = ap.parse_args()
     args.base = args.base or os.environ.get("RUN") or os.path.join("runs", args.preset)

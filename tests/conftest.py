@@ -12,7 +12,9 @@ sys.path.insert(1, os.path.join(ROOT, "extras"))  # bench.py, judge.py, experime
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-sample.jsonl")
+# Real HH-RLHF rows in the hub's format ({"chosen": ..., "rejected": ...} per line), for the few tests that
+# check the dialogue split and label.py on real text: a local file named by WLT_HH_SAMPLE; they skip without it.
+HH_SAMPLE = os.environ.get("WLT_HH_SAMPLE", "")
 
 CORPUS = [
     "Human: what are some pranks with a pen i can do? Assistant: Are you looking for practical joke ideas?",

@@ -11,7 +11,7 @@ import torch
 
 import wlt
 from lib import commands, console, data, synthetic
-from conftest import ROOT, SHARED_HH, make_bpe_tokenizer, run_script
+from conftest import ROOT, HH_SAMPLE, make_bpe_tokenizer, run_script
 
 A = "\n\nAssistant:"
 
@@ -39,14 +39,14 @@ def key(row):
 # 1. split_hh
 
 
-def shared_hh_rows():
-    if not os.path.isfile(SHARED_HH):
-        pytest.skip(f"{SHARED_HH} not present")
-    return read_rows(SHARED_HH)
+def hh_sample_rows():
+    if not os.path.isfile(HH_SAMPLE):
+        pytest.skip("set WLT_HH_SAMPLE to a file of HH-RLHF rows to run it")
+    return read_rows(HH_SAMPLE)
 
 
 def test_split_hh_real_rows_reproduce_both_dialogues():
-    rows = shared_hh_rows()
+    rows = hh_sample_rows()
     assert len(rows) == 200
     with_turns = 0
     for i, r in enumerate(rows, 1):
@@ -276,7 +276,7 @@ def test_tokenize_pairs_joint_convention(bpe_tokenizer):
 
 
 def test_tokenize_pairs_real_hh_rows_need_no_fallback(bpe_tokenizer):
-    rows = shared_hh_rows()
+    rows = hh_sample_rows()
     pairs = [data.row_to_pair(r, f"hh:{i}", data.Skips(strict=True)) for i, r in enumerate(rows, 1)]
     toks, fallbacks = data.tokenize_pairs(bpe_tokenizer, pairs)
     assert fallbacks == 0
@@ -465,8 +465,8 @@ def test_prepare_seed_determinism(tmp_path, monkeypatch, src_file, tiny_model_di
 
 
 def test_prepare_real_hh_sample_keeps_every_row(tmp_path, monkeypatch, tiny_model_dir):
-    shared_hh_rows()
-    cfg, parts = prepare_inproc(monkeypatch, "--data", SHARED_HH, "--out", str(tmp_path / "hh"),
+    hh_sample_rows()
+    cfg, parts = prepare_inproc(monkeypatch, "--data", HH_SAMPLE, "--out", str(tmp_path / "hh"),
                                 "--tokenizer", tiny_model_dir("opt"), "--max-len", "100000", "--strict")
     assert sum(len(r) for r in parts.values()) == 200
     assert cfg["source_skips"]["counts"] == {}

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_HH, run_script, torchrun
+from conftest import ROOT, HH_SAMPLE, run_script, torchrun
 
 LABEL = os.path.join(ROOT, "label.py")
 DPO = os.path.join(ROOT, "train_dpo.py")
@@ -185,10 +185,10 @@ def test_two_processes_equal_one(teacher, labeled):
 def test_real_hh_rows_if_present(tiny_model_dir, tmp_path):
     """Real HH-RLHF rows (../shared/data, when present) through the source parser and label.py; the
     rewards checked against the independent computation on a few of them."""
-    if not os.path.isfile(SHARED_HH):
-        pytest.skip(f"{SHARED_HH} not present")
+    if not os.path.isfile(HH_SAMPLE):
+        pytest.skip("set WLT_HH_SAMPLE to a file of HH-RLHF rows to run it")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    with open(SHARED_HH) as f:
+    with open(HH_SAMPLE) as f:
         raw = [json.loads(line) for _, line in zip(range(12), f)]
     src = str(tmp_path / "raw.jsonl")
     write_jsonl(src, raw)

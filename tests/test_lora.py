@@ -1,4 +1,4 @@
-"""LoRA of wlt.py section 5 on every tiny model family (GPT-2's transposed Conv1D included): identity at
+"""LoRA (wlt.py, the section after Eq. 6) on every tiny model family (GPT-2's transposed Conv1D included): identity at
 init, the disable switch, merging (in place and from a state dict), the PEFT on-disk adapter layout and,
 when peft is installed, loading that adapter with peft itself."""
 import json

@@ -1,4 +1,4 @@
-"""The math of wlt.py section 4: dpo_loss against hand-computed values, response_logps against a naive
+"""The math of wlt.py, Eq. 2 to Eq. 5: dpo_loss against hand-computed values, response_logps against a naive
 float64 reference on every tiny model family, sft_loss against a naive token-mean NLL."""
 import copy
 import math

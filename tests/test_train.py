@@ -1,5 +1,5 @@
-"""The trainers end to end on the synthetic world: teacher SFT then teacher DPO through the --teacher --run
-role shorthands, their outputs and metrics, --resume, the command line and its errors."""
+"""The trainers end to end on the synthetic world: teacher SFT then teacher DPO through the --teacher
+role shorthand and its run folder, their outputs and metrics, --resume, the command line and its errors."""
 import argparse
 import json
 import math
@@ -55,7 +55,7 @@ def test_sft_lowers_held_out_loss(teacher):
     assert evals[-1] < evals[0] - 0.2, evals  # held-out NLL per response token
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     cfg = json.load(open(os.path.join(out, "train_config.json")))
-    # --run mode: model/data from the role, lr/batch from the run's config.json, explicit --epochs wins
+    # with --teacher and a run folder: model/data from the role, lr/batch from the run's config.json, explicit --epochs wins
     assert cfg["args"]["data"] == os.path.join(teacher, "data", "labeled.jsonl")
     assert cfg["args"]["model"] == os.path.join(teacher, "models", "teacher-base")
     assert cfg["args"]["lr"] == 3e-3 and cfg["args"]["batch_size"] == 32 and cfg["args"]["epochs"] == 2
@@ -97,7 +97,7 @@ def test_teacher_dpo_outputs(teacher):
                  "adapter/adapter_model.safetensors", "train_config.json", "metrics.jsonl"]:
         assert os.path.isfile(os.path.join(out, name)), name
     cfg = json.load(open(os.path.join(out, "train_config.json")))
-    # --teacher --run: start from teacher/sft on the labeled part; beta from the run (synthetic 0.5),
+    # --teacher: start from teacher/sft on the labeled part; beta from the run (synthetic 0.5),
     # the explicit --lr wins over the run's 1e-3
     assert cfg["args"]["model"] == os.path.join(teacher, "teacher", "sft")
     assert cfg["args"]["data"] == os.path.join(teacher, "data", "labeled.jsonl")

@@ -69,7 +69,7 @@ def test_full_dpo_learning_rate_and_logged_lr(tmp_path, tiny_model_dir, monkeypa
         "--batch-size", "3", "--eval-pairs", "0", "--lora-rank", "0", "--warmup-ratio", "0.5",
         "--max-grad-norm", "0")
     cfg = json.load(open(os.path.join(out, "train_config.json")))
-    assert cfg["args"]["lr"] == 5e-7  # full fine-tune default, 100x below the LoRA default (README)
+    assert cfg["args"]["lr"] == 5e-7  # full fine-tune default, 100x below the LoRA default (docs/training.md)
     rows = metrics(out)
     assert [r["lr"] / 5e-7 for r in rows] == pytest.approx([0.5, 1.0, 1.0, 0.5])
     assert not os.path.exists(os.path.join(out, "adapter"))
@@ -78,7 +78,7 @@ def test_full_dpo_learning_rate_and_logged_lr(tmp_path, tiny_model_dir, monkeypa
 
 
 def test_run_mode_full_dpo_uses_the_runs_full_rate(tmp_path, monkeypatch):
-    """In --run mode the run's config gives LoRA and full fine-tuning different rates."""
+    """In a run folder the run's config gives LoRA and full fine-tuning different rates."""
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
