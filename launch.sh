@@ -64,7 +64,9 @@ GOLD=()
 
 run() {  # one stage, under torchrun when NPROC > 1
   if [ "$NPROC" -gt 1 ]; then
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
+    # torchrun gives each process one OpenMP thread unless told otherwise, and prints a banner saying so at
+    # every stage; the same setting, said once here, keeps the log quiet
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
   else
     "$PY" "$@"
   fi

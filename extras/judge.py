@@ -199,6 +199,8 @@ def win_rate(judge, generations: str, a: str, b: str, repeats: int = 1, seed: in
         if name not in by:
             raise wlt.WltError(f"{generations}: no generations of policy {name!r} (have: {', '.join(by)})")
     common = sorted(set(by[a]) & set(by[b]))
+    if not common:
+        raise wlt.WltError(f"{generations}: policies {a!r} and {b!r} share no prompt (compare the same test set)")
     res = [compare(judge, by[a][i]["prompt"], by[a][i]["response"], by[b][i]["response"], repeats, seed + i)
            for i in common]
     n = len(res)

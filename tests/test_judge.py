@@ -147,6 +147,10 @@ def test_win_rate_on_generations(server, tmp_path):
     assert r["tie"] == pytest.approx(2 / 6)  # identical responses: "A" both times, a position tie
     with pytest.raises(wlt.WltError, match="no generations of policy 'nobody'"):
         judge.win_rate(judge.make_judge(server.url, "stand-in"), str(path), "weak", "nobody")
+    apart = tmp_path / "apart.jsonl"  # two policies sampled on different prompts: nothing to compare
+    apart.write_text("".join(json.dumps(dict(g, index=g["index"] + 100 * (g["policy"] == "human"))) + "\n" for g in gens))
+    with pytest.raises(wlt.WltError, match="share no prompt"):
+        judge.win_rate(judge.make_judge(server.url, "stand-in"), str(apart), "weak", "human")
 
 
 def test_unreachable_endpoint_is_a_clear_error(tmp_path):

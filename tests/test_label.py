@@ -183,7 +183,7 @@ def test_two_processes_equal_one(teacher, labeled):
 
 
 def test_real_hh_rows_if_present(tiny_model_dir, tmp_path):
-    """Real HH-RLHF rows (../shared/data, when present) through the source parser and label.py; the
+    """Real HH-RLHF rows (the file WLT_HH_SAMPLE names, when set) through the source parser and label.py; the
     rewards checked against the independent computation on a few of them."""
     if not os.path.isfile(HH_SAMPLE):
         pytest.skip("set WLT_HH_SAMPLE to a file of HH-RLHF rows to run it")

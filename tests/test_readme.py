@@ -5,6 +5,7 @@ line, exactly as written; tagged ones are listed as skipped with the tag's reaso
     ```sh ci               the test command itself: .ci/run runs exactly this line (checked here)
     ```sh needs-hub        downloads models or data from the Hugging Face hub (unreachable offline)
     ```sh needs-gpu        needs a CUDA GPU
+    ```sh needs-hub,gpu    both
     ```sh long             takes longer than the suite's budget on 2 CPU cores: run by hand
 Two adjustments keep the suite short, neither of which changes a command's text:
   - the venv setup in front of the quick start (`python3 -m venv .venv && pip install ...`) is not repeated:
