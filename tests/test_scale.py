@@ -103,13 +103,16 @@ def test_estimate_command_line():
     assert p.returncode != 0 and "no config for 'no/such-model'" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_sharded_labeling_is_byte_identical(tiny_model_dir, tmp_path):
-    """label.py under 2 processes writes exactly the bytes of 1 process (same thread count on both sides)."""
+def test_sharded_labeling_is_byte_identical(weighty_model_dir, tmp_path):
+    """label.py under 2 processes writes exactly the bytes of 1 process (same thread count on both sides); on
+    models whose weights dominate (two ~250 MiB models), each rank's peak host memory over what it held before
+    loading stays within 1.15x the bytes of the weights it holds: every weight is read once, with no
+    transient second copy (the summary's per-rank fields, ru_maxrss)."""
     rows = [{"prompt": f"Human: question {i} about bread? Assistant:", "chosen": f" answer {i} with flour",
              "rejected": " no" + " more" * (i % 4)} for i in range(13)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ref, pol = tiny_model_dir("llama"), tiny_model_dir("gpt_neox")  # two unrelated models sharing a tokenizer
+    ref, pol = weighty_model_dir("llama", big=True), weighty_model_dir("gpt_neox", big=True)  # unrelated, one tokenizer
     outs = []
     for n in (1, 2):
         out = str(tmp_path / f"weak-{n}.jsonl")
@@ -120,4 +123,14 @@ def test_sharded_labeling_is_byte_identical(tiny_model_dir, tmp_path):
         else:
             torchrun(2, *args)
         outs.append(open(out, "rb").read())
+        s = json.load(open(str(tmp_path / f"weak-{n}.summary.json")))
+        peak, before, weights = (s[k] for k in ("host_peak_mib_per_rank", "host_before_load_mib_per_rank",
+                                                "weights_mib_per_rank"))
+        assert len(peak) == len(before) == len(weights) == n
+        for r in range(n):
+            print(f"label.py, {n} process(es), rank {r}: peak {peak[r]:.0f} MiB, before loading {before[r]:.0f} MiB, "
+                  f"weights {weights[r]:.0f} MiB: +{peak[r] - before[r]:.0f} MiB = "
+                  f"{(peak[r] - before[r]) / weights[r]:.2f}x the weights")
+            assert weights[r] > 450  # both models (~250 MiB each), fp32 on CPU
+            assert peak[r] - before[r] <= 1.15 * weights[r], (n, r, peak, before, weights)
     assert outs[0] == outs[1] and outs[0].count(b"\n") == 13
