@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import warnings
 
 import torch
@@ -90,9 +91,10 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------
 # mid-run checkpoints: OUT/checkpoint/ holds the newest one
 #
-#   shard-0000R-model-00001-of-00001.safetensors
+#   shard-0000R-model-0000F-of-0000K.safetensors
 #                        rank R-1's shards of the trainable parameters (with LoRA: the adapter) and of the
-#                        optimizer's per-parameter state (AdamW moments, step), written by that rank through
+#                        optimizer's per-parameter state (AdamW moments, step), file F for transformer block F-2
+#                        (F = 1: everything outside the blocks), written by that rank through
 #                        torch.distributed.checkpoint (DCP) with its safetensors storage; each tensor piece carries
 #                        its offset in the full tensor, so any number of processes can read them back
 #   state.pt             step (= the data position: the batch plan is a pure function of the seed), scheduler,
@@ -167,6 +169,15 @@ def _dcp_error(e: BaseException) -> str:
     return one_line(e)
 
 
+def _file_of(key: str) -> int:
+    """The file (1..) a tensor of the checkpoint goes to, by its name as DCP flattens it (model.<fqn>,
+    optim.<fqn>.<state>): one per transformer block (the first number in the name), one for the rest. DCP
+    writes, and reads back, one file at a time: a rank's host memory then holds one block's share of its state
+    while saving or resuming, not its whole shard."""
+    m = re.search(r"\.(\d+)\.", key)
+    return int(m.group(1)) + 2 if m else 1
+
+
 def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, settings: dict, inputs: dict) -> None:
     """Save the training state after `step` optimizer steps. A collective: every rank must call it."""
     dcp, Writer, _ = require_dcp()
@@ -176,8 +187,10 @@ def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, setti
         os.makedirs(tmp)
     barrier()
     sd, param_groups = _sharded_state(model, opt)
-    with _quiet_single_process():  # every rank writes its own file; returns once every rank's file is written
-        dcp.save(sd, storage_writer=Writer(tmp, save_distributed=True))
+    keys = [f"model.{k}" for k in sd["model"]] + [f"optim.{fqn}.{k}" for fqn, st in sd["optim"].items() for k in st]
+    with _quiet_single_process():  # every rank writes its own files; returns once every rank's files are written
+        dcp.save(sd, storage_writer=Writer(tmp, save_distributed=True,
+                                           fqn_to_index_mapping={k: _file_of(k) for k in keys}))
     del sd
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():

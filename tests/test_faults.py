@@ -95,7 +95,8 @@ def test_sft_two_processes_killed_then_resumed(synthetic_run, tmp_path):
     p = torchrun(2, INJECT, "step:4@1", SFT, *args, "--out", cut, check=False)
     assert p.returncode != 0 and not os.path.exists(os.path.join(cut, "train_config.json"))
     shards = assert_no_pickle(os.path.join(cut, "checkpoint"))
-    assert len(shards) == 2  # one file per rank, each written by its rank
+    # each rank writes its own files: one per transformer block (2) and one for the rest
+    assert sorted(shards) == [f"shard-0000{r}-model-0000{f}-of-00003.safetensors" for r in (1, 2) for f in (1, 2, 3)]
     p = torchrun(2, SFT, *args, "--out", cut, "--resume")
     assert "at step 2" in p.stdout and "not be bit-equal" not in p.stdout
     same_weights(full, cut, bitwise=True)
@@ -107,7 +108,8 @@ def test_resume_reads_only_this_ranks_share(weighty_model_dir, tmp_path):
     ~150 MiB), killed after the checkpoint of step 2 and resumed twice from that checkpoint: by 1 process and by
     2 (the warning; DCP reshards). Each of the 2 ranks' peak host memory while resuming (tests/host_peak.py:
     ru_maxrss over load_checkpoint, from the RSS before it) is about half of the 1-process resume's: a rank
-    reads only the slices it holds and creates only its shard of the moments. The checkpoint holds no pickle."""
+    reads only the slices it holds, one file at a time, and creates only its shard of the moments. The
+    checkpoint holds no pickle."""
     from test_fsdp import write_pairs
     model = weighty_model_dir("llama")
     data = write_pairs(str(tmp_path / "pairs.jsonl"), 40, seed=1)
@@ -117,7 +119,7 @@ def test_resume_reads_only_this_ranks_share(weighty_model_dir, tmp_path):
     p = run_script(INJECT, "step:3", SFT, *args, "--out", out, check=False, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == KILLED
     ckpt = os.path.join(out, "checkpoint")
-    assert len(assert_no_pickle(ckpt)) == 1
+    assert len(assert_no_pickle(ckpt)) == 5  # one file per transformer block (4) and one for the rest
     ckpt_mib = sum(os.path.getsize(f) for f in glob.glob(os.path.join(ckpt, "*.safetensors"))) / 2 ** 20
     shutil.copytree(ckpt, str(tmp_path / "saved"))  # --out is a setting: both resumes use the same folder
     peak = str(tmp_path / "peak")
@@ -135,7 +137,8 @@ def test_resume_reads_only_this_ranks_share(weighty_model_dir, tmp_path):
     d2 = [json.loads(open(f"{peak}-2.rank-{r}.jsonl").read())["delta_mib"] for r in (0, 1)]
     print(f"resume peak host memory: 1 process +{d1[0]:.0f} MiB, 2 processes +{d2[0]:.0f} / +{d2[1]:.0f} MiB "
           f"per rank (checkpoint {ckpt_mib:.0f} MiB)")
-    assert len(d1) == 1 and d1[0] > 0.8 * ckpt_mib  # the measurement sees the read
+    # what resuming adds on one process: the AdamW moments (2/3 of the checkpoint) and a file being read
+    assert len(d1) == 1 and d1[0] > 0.8 * ckpt_mib
     assert max(d2) < 0.75 * d1[0], (d1, d2)
 
 

@@ -86,6 +86,11 @@ def test_estimate_parts_follow_the_settings():
         assert eight["bytes"][k] == pytest.approx(one["bytes"][k] / 8)
     assert one["bytes"]["weights"] == pytest.approx(4 * one["parameters"])
     assert one["bytes"]["optimizer"] == pytest.approx(8 * one["parameters"])
+    h1, h8 = estimate.host_memory(one, 1), estimate.host_memory(eight, 8)
+    for k in ("checkpoint save, each rank", "resume, each rank"):  # a rank handles its shard of one file at a time
+        assert h8[k] == pytest.approx(h1[k] / 8) and h1[k] < 0.3 * 12 * one["trainable"]
+    assert h8["load, rank 0"] == h8["final save, rank 0"] == pytest.approx(4 * one["parameters"])
+    assert h8["load, other ranks"] == 0
     lora = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft")
     assert lora["trainable"] == lora["lora"] < 0.01 * lora["parameters"]
     ac = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft", activation_checkpointing=True)
@@ -99,6 +104,7 @@ def test_estimate_command_line():
     p = run_script(os.path.join(ROOT, "wlt.py"), "estimate", "--model", "mistralai/Mistral-7B-v0.1", "--nproc", "8",
                    "--micro-batch-size", "2", "--device-memory", "80")
     assert "7.24B parameters" in p.stdout and "| total |" in p.stdout and "fits in 80 GiB" in p.stdout
+    assert "| resume, each rank |" in p.stdout
     p = run_script(os.path.join(ROOT, "wlt.py"), "estimate", "--model", "no/such-model", check=False)
     assert p.returncode != 0 and "no config for 'no/such-model'" in p.stderr and "Traceback" not in p.stderr
 
