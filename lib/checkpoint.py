@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -151,22 +151,35 @@ def _sharded_state(model: nn.Module, opt) -> tuple[dict, list]:
     return {"model": msd, "optim": state}, osd["param_groups"]
 
 
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns that it runs without a process group in a one-process run, which is meant here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
-        yield
+class _DcpLogs(logging.Filter):
+    """Drops DCP's own log records (it logs to the root logger, with tracebacks, before raising)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "distributed/checkpoint" not in record.pathname.replace(os.sep, "/")
 
 
-def _dcp_error(e: BaseException) -> str:
-    """The first failing rank's own error of a DCP CheckpointException (whose text is every rank's traceback),
-    on one line."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        r, (exc, _) = min(failures.items())
-        return f"rank {r}: {one_line(exc)}"
-    return one_line(e)
+def _dcp_call(fn, what: str, path: str, **kw) -> None:
+    """Run dcp.save / dcp.load; a failure on any rank becomes the same one-line error on every rank. DCP's
+    CheckpointException derives from BaseException (so it is named here); a damaged file can also fail outside
+    DCP's own error handling. In a one-process run DCP warns that it has no process group, which is meant."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    drop = _DcpLogs()
+    logging.getLogger().addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+            fn(**kw)
+    except (CheckpointException, Exception) as e:
+        failures = getattr(e, "failures", None)  # {rank: (exception, traceback)}
+        if failures:
+            r, (exc, _) = min(failures.items())
+            msg = f"rank {r}: {one_line(exc)}"
+        else:
+            msg = one_line(e)
+        raise wlt.WltError(f"{path}: cannot {what} the checkpoint ({msg})"
+                           + ("; remove it or run without --resume" if what == "read" else "")) from None
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def _file_of(key: str) -> int:
@@ -188,9 +201,9 @@ def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, setti
     barrier()
     sd, param_groups = _sharded_state(model, opt)
     keys = [f"model.{k}" for k in sd["model"]] + [f"optim.{fqn}.{k}" for fqn, st in sd["optim"].items() for k in st]
-    with _quiet_single_process():  # every rank writes its own files; returns once every rank's files are written
-        dcp.save(sd, storage_writer=Writer(tmp, save_distributed=True,
-                                           fqn_to_index_mapping={k: _file_of(k) for k in keys}))
+    # every rank writes its own files; returns once every rank's files are written
+    _dcp_call(dcp.save, "write", tmp, state_dict=sd,
+              storage_writer=Writer(tmp, save_distributed=True, fqn_to_index_mapping={k: _file_of(k) for k in keys}))
     del sd
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -247,18 +260,10 @@ def load_checkpoint(path: str, model: nn.Module, opt, sched) -> None:
     folder. Each rank reads only the slices of the shard files that it holds. A collective: every rank must
     call it."""
     dcp, _, Reader = require_dcp()
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
     sd, _ = _sharded_state(model, opt)  # this rank's tensors, in its shapes: DCP fills them in place
-    try:
-        with _quiet_single_process():
-            dcp.load(sd, storage_reader=Reader(path))
-    # CheckpointException derives from BaseException (raised on every rank when one fails); a damaged file can
-    # also fail before DCP's own error handling (reading the headers)
-    except (CheckpointException, Exception) as e:
-        raise wlt.WltError(f"{path}: cannot read the checkpoint ({_dcp_error(e)}); remove it or run without "
-                           f"--resume") from None
+    _dcp_call(dcp.load, "read", path, state_dict=sd, storage_reader=Reader(path))
     # the tensors already hold the checkpoint; set_state_dict puts the saved param_groups (learning rate, ...)
     # back and is where a model whose state_dict tensors are copies would receive them. strict=False: the frozen
     # base weights are not in a checkpoint (the template above decided which tensors must be there)

@@ -80,6 +80,14 @@ def test_checkpoint_of_other_settings_is_not_used(synthetic_run, tmp_path):
             "--save-every", "2", "--eval-pairs", "0", "--out", str(tmp_path / "o")]
     p = run_script(INJECT, "step:4", SFT, *args, check=False)
     assert p.returncode == KILLED
+    # a shard file damaged from outside: a one-line error naming the checkpoint, not a traceback
+    ckpt = str(tmp_path / "o" / "checkpoint")
+    shard = os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))[-1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    p = run_script(SFT, *args, "--resume", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"{ckpt}: cannot read the checkpoint" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     p = run_script(SFT, *args, "--lr", "1e-3", "--resume")
     assert "made with other settings" in p.stdout and "resumed from" not in p.stdout
 
@@ -211,3 +219,14 @@ def test_malformed_lines_are_one_line_errors(synthetic_run, tmp_path):
         f.write('["a list"]\n')
     with pytest.raises(wlt.WltError, match=f"{data}:1: expected a JSON object"):
         read_pairs(data)
+
+
+def test_older_torch_is_named_in_one_line(monkeypatch):
+    """Before torch 2.8, torch.distributed.checkpoint has no safetensors storage: mid-run checkpoints say which
+    torch they need."""
+    import torch.distributed.checkpoint as dcp
+    import wlt
+    from lib import checkpoint
+    monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
+    with pytest.raises(wlt.WltError, match=r"need torch >= 2\.8 .*this is torch .*--save-every 0"):
+        checkpoint.require_dcp()
