@@ -162,7 +162,9 @@ def host_memory(res: dict, nproc: int = 1, dtype: str = "bf16") -> dict:
     resume         each rank reads the slices it holds, one file at a time: the file's pages and a tensor's copy
     final save     rank 0 gathers the full fp32 model, one tensor at a time, and writes it
     label/evaluate each rank reads a model in the compute dtype on the CPU and moves it to its GPU before reading
-                   the next (accelerate not installed; with it, straight to the GPU)"""
+                   the next (accelerate not installed; with it, straight to the GPU). Reading an fp32 file (what
+                   the trainers write) into bf16 also maps the file's pages while converting: page cache, shared by
+                   the ranks of a node, but counted by each rank's ru_maxrss"""
     c = 2 if dtype == "bf16" else 4
     n_all = res["parameters"] + res["lora"]
     file = 12 * res["trainable_file"] / nproc
