@@ -40,7 +40,7 @@ from lib import dist, runs, synthetic
 from lib.console import argument_parser, log, one_line, run_main
 from lib.data import pad_id
 from lib.files import fingerprint, iter_jsonl, remove_dir, same_settings, write_json, write_jsonl, write_text
-from lib.models import check_model_dir, load_model, load_tokenizer
+from lib.models import check_model_dir, import_model_code, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
 
 ROLE_NAMES = {"base": "base model", "sft": "SFT (reference)", "human": "pi_human (DPO, human labels)",
@@ -192,7 +192,7 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
     """{prompt index: response text} for one policy (this rank's share; rank 0 gets all after gathering)."""
     check_model_dir(path)
     tok = load_tokenizer(path, args.trust_remote_code)
-    model = load_model(path, args.trust_remote_code).to(dev).eval()
+    model = load_model(path, args.trust_remote_code, dist.compute_dtype(dev, args.dtype), dev).eval()
     eos, pad = tok.eos_token_id, pad_id(tok)
     if eos is None:
         raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
@@ -425,6 +425,10 @@ def main():
         return
     dist.init_distributed()
     dev = dist.device()
+    for path in set(pols.values()):  # the baseline of the host-memory figures: code imported, no weights
+        if os.path.isfile(os.path.join(path, "config.json")):
+            import_model_code(path, args.trust_remote_code)
+    host_before = dist.host_rss_mib()
     if dist.rank() == 0 and os.path.isfile(marker):
         os.remove(marker)
 
@@ -469,6 +473,9 @@ def main():
         flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold of D_u pairs", partial) if lq_rows else []
         lq_gold = list(zip(flat[0::2], flat[1::2]))
         del rm
+    # per rank, MiB: peak host memory (ru_maxrss) and the resident memory before any weight was read (libraries
+    # and the policies' model code imported)
+    peak, before = dist.per_rank([dist.host_peak_mib(), host_before])
     if dist.rank() != 0:
         dist.barrier()
         partial.remove()
@@ -477,7 +484,7 @@ def main():
     # ---- statistics and tables
     res = {"setup": {"what": args.run_dir or args.out, "gold": gold_name, "prompts": len(prompts),
                      "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
-           "policies": {}}
+           "policies": {}, "host_peak_mib_per_rank": peak, "host_before_load_mib_per_rank": before}
     for name, g in gold.items():
         m, se = mean_se(g)
         p = {"path": pols[name], "mean": m, "se": se, "n": len(g), **gen_stats[name],

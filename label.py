@@ -24,7 +24,7 @@ from lib import checkpoint, dist, runs
 from lib.console import argument_parser, log, run_main
 from lib.data import Skips, pad_id, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, read_json, remove_dir, same_settings, write_json, write_jsonl
-from lib.models import check_model_dir, load_model, load_tokenizer
+from lib.models import check_model_dir, import_model_code, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
 
 
@@ -93,21 +93,26 @@ def resolve_teacher(args) -> None:
 
 
 def load_teacher(args, dev: torch.device):
-    """(pi_w, pi_ref or None, tokenizer, description). pi_ref None: pi_w with its adapter switched off."""
+    """(pi_w, pi_ref or None, tokenizer, description). pi_ref None: pi_w with its adapter switched off.
+
+    Each model is read once, in the compute dtype (bf16 on CUDA, fp32 on CPU), and placed on `dev` before
+    the next is read (lib.models.load_model). With an adapter there is one model: the base with the adapter
+    on is pi_w, with it off (wlt.lora_disabled) pi_ref."""
     adapter = os.path.join(args.model, "adapter")
     has_adapter = os.path.isfile(os.path.join(adapter, "adapter_config.json"))
     for path in (args.ref,) if has_adapter else (args.ref, args.model):  # an adapter-only folder is fine
         check_model_dir(path)
     tok = load_tokenizer(args.ref, args.trust_remote_code)
-    ref = load_model(args.ref, args.trust_remote_code)
+    dtype = dist.compute_dtype(dev, args.dtype)
+    ref = load_model(args.ref, args.trust_remote_code, dtype, dev).eval()
     if has_adapter:
         base = read_json(os.path.join(adapter, "adapter_config.json")).get("base_model_name_or_path")
         if base and os.path.exists(base) and os.path.abspath(base) != os.path.abspath(args.ref):
             log(f"warning: {adapter} was trained on {base}, applied here on --ref {args.ref}")
         checkpoint.load_adapter(ref, adapter)
-        return ref.to(dev).eval(), None, tok, f"adapter {adapter} on/off over {args.ref}"
-    pol = load_model(args.model, args.trust_remote_code)
-    return pol.to(dev).eval(), ref.to(dev).eval(), tok, f"two models: {args.model} / {args.ref}"
+        return ref, None, tok, f"adapter {adapter} on/off over {args.ref}"
+    pol = load_model(args.model, args.trust_remote_code, dtype, dev).eval()
+    return pol, ref, tok, f"two models: {args.model} / {args.ref}"
 
 
 def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool | None) -> dict:
@@ -125,7 +130,7 @@ def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool
 
 
 def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, seconds: float, resumed: int,
-              how: str) -> dict:
+              how: str, host: dict) -> dict:
     margins = [r["chosen_reward"] - r["rejected_reward"] for r in rows]
     summary = {
         "rows": n_rows, "labeled": len(rows), "skipped": skips.as_dict(), "tokenizer_fallbacks": fallbacks,
@@ -136,7 +141,7 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
         "chosen_reward_mean": statistics.fmean(r["chosen_reward"] for r in rows),
         "rejected_reward_mean": statistics.fmean(r["rejected_reward"] for r in rows),
         "pairs_per_s": (len(rows) - resumed) / max(seconds, 1e-9), "seconds": seconds, "resumed_pairs": resumed,
-        "processes": dist.world_size(), "teacher": how,
+        "processes": dist.world_size(), "teacher": how, **host,
     }
     if all("gold_chosen" in r and "gold_rejected" in r for r in rows):  # synthetic world: exact gold rewards
         summary["gold_accuracy"] = {
@@ -161,6 +166,10 @@ def main():
                 os.remove(f)
 
     # ---- setup: the teacher; the data, read and tokenized by every process (cheap next to the forwards)
+    for path in {args.ref, args.model}:  # the baseline of the host-memory figures: code imported, no weights
+        if os.path.isfile(os.path.join(path, "config.json")):
+            import_model_code(path, args.trust_remote_code)
+    host_before = dist.host_rss_mib()
     pol, ref, tok, how = load_teacher(args, dev)
     log(f"teacher: {how}; beta {args.beta}; {dist.world_size()} process(es) on {dev}")
     skips, locs = Skips(strict=args.strict), []
@@ -187,6 +196,10 @@ def main():
     with torch.inference_mode(), dist.autocast(dev, args.dtype):
         logps = run_batches(batches, partial, "label", "label", "pair", label_batch, exs, pol, ref, pad_id(tok), share)
     seconds = time.time() - t0
+    # per rank, MiB: peak host memory (ru_maxrss), the resident memory before any weight was read (libraries and
+    # model code imported), and the bytes of the weights the rank holds (on the device, on CUDA)
+    peak, before, weights = dist.per_rank([dist.host_peak_mib(), host_before, dist.weight_bytes(pol, ref) / 2 ** 20])
+    host = {"host_peak_mib_per_rank": peak, "host_before_load_mib_per_rank": before, "weights_mib_per_rank": weights}
     if dist.rank() != 0:  # rank 0 has every pair's log-probs and writes the output
         dist.barrier()
         partial.remove()
@@ -204,7 +217,7 @@ def main():
             f"hash of the two texts, not by the input order")
     rows = [relabeled_row(pairs[i], bool(keep[k]), float(r_in_c[k]), float(r_in_r[k])) for k, i in enumerate(todo)]
     write_jsonl(args.out, rows)
-    summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how)
+    summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how, host)
     summary.update(args=vars(args), inputs=inputs)
     write_json(marker, summary)  # last: marks the output complete
     dist.barrier()

@@ -2,14 +2,18 @@
 
     save_hf_checkpoint        a trainer's final model, in the layout from_pretrained reads
     save_adapter/load_adapter a LoRA adapter in the layout the PEFT library reads
-    save_checkpoint ...       a trainer's mid-run state (OUT/checkpoint/), for --resume
+    save_checkpoint ...       a trainer's mid-run state (OUT/checkpoint/), for --resume: each rank's shards
+                              through torch.distributed.checkpoint
     save_ref_logps ...        train_dpo.py's reference log-probs, computed once (OUT/ref_logps.safetensors)
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -87,16 +91,24 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------
 # mid-run checkpoints: OUT/checkpoint/ holds the newest one
 #
-#   weights.safetensors  the trainable parameters (with LoRA: the adapter) and the optimizer's per-parameter
-#                        state (AdamW moments, step), gathered to rank 0 as full tensors: safetensors, no pickle
+#   shard-0000R-model-0000F-of-0000K.safetensors
+#                        rank R-1's shards of the trainable parameters (with LoRA: the adapter) and of the
+#                        optimizer's per-parameter state (AdamW moments, step), file F for transformer block F-2
+#                        (F = 1: everything outside the blocks), written by that rank through
+#                        torch.distributed.checkpoint (DCP) with its safetensors storage; each tensor piece carries
+#                        its offset in the full tensor, so any number of processes can read them back
 #   state.pt             step (= the data position: the batch plan is a pure function of the seed), scheduler,
-#                        optimizer hyper-parameters, and the settings + input fingerprints it belongs to
+#                        optimizer hyper-parameters (param_groups), the shard file names, the number of processes,
+#                        and the settings + input fingerprints it belongs to
 #   rng-RANK.pt          each rank's torch / CUDA / python RNG state (dropout draws)
 # Both .pt files hold plain numbers and strings and are read with torch.load(weights_only=True).
+# No rank ever holds more than its own shards: saving writes them as they are, and resuming reads from each
+# file only the slices this rank holds (DCP reshards when the number of processes changed).
 # Written to checkpoint.tmp/, then swapped in by renames, so a kill at any moment leaves either the previous
 # checkpoint or the new one complete (a kill between the two renames leaves it as checkpoint.old/).
 
 CKPT = "checkpoint"
+DCP_TORCH = "2.8"  # the first torch with torch.distributed.checkpoint.HuggingFaceStorageWriter/Reader
 
 
 def remove_checkpoints(out_dir: str) -> None:
@@ -105,32 +117,101 @@ def remove_checkpoints(out_dir: str) -> None:
         remove_dir(os.path.join(out_dir, d))
 
 
-def _ckpt_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+def require_dcp():
+    """(dcp module, HuggingFaceStorageWriter, HuggingFaceStorageReader), or a one-line error on an older torch."""
+    import inspect
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+        ok = "save_distributed" in inspect.signature(HuggingFaceStorageWriter.__init__).parameters
+    except ImportError:
+        ok = False
+    if not ok:
+        raise wlt.WltError(f"mid-run checkpoints (--save-every, --resume) need torch >= {DCP_TORCH} "
+                           f"(torch.distributed.checkpoint's safetensors storage); this is torch {torch.__version__}: "
+                           f"upgrade torch, or pass --save-every 0")
+    return dcp, HuggingFaceStorageWriter, HuggingFaceStorageReader
+
+
+def _sharded_state(model: nn.Module, opt) -> tuple[dict, list]:
+    """This rank's trainable state as DCP saves and loads it: {"model": {fqn: tensor}, "optim": {fqn: {name:
+    tensor}}}, and the optimizer's param_groups (plain data). Under FSDP2 the tensors are this rank's DTensor
+    shards, in one process the tensors themselves: the parameters and moments, not copies, so loading writes
+    straight into them. Frozen parameters (the base under LoRA) never change and are left out.
+
+    The optimizer's moments do not exist before its first step (AdamW makes them lazily); get_state_dict
+    creates them first (torch's _init_optim_state: one optimizer step with zero gradients at learning rate 0,
+    which leaves the weights as they are), so on resume the template holds every tensor the checkpoint has.
+    A number among the per-parameter state (an optimizer that keeps its step as a float) becomes a 0-d tensor:
+    DCP would pickle anything that is not a tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    state = {fqn: {k: v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()}
+             for fqn, st in osd["state"].items()}
+    return {"model": msd, "optim": state}, osd["param_groups"]
+
+
+class _DcpLogs(logging.Filter):
+    """Drops DCP's own log records (it logs to the root logger, with tracebacks, before raising)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "distributed/checkpoint" not in record.pathname.replace(os.sep, "/")
+
+
+def _dcp_call(fn, what: str, path: str, **kw) -> None:
+    """Run dcp.save / dcp.load; a failure on any rank becomes the same one-line error on every rank. DCP's
+    CheckpointException derives from BaseException (so it is named here); a damaged file can also fail outside
+    DCP's own error handling. In a one-process run DCP warns that it has no process group, which is meant."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    drop = _DcpLogs()
+    logging.getLogger().addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+            fn(**kw)
+    except (CheckpointException, Exception) as e:
+        failures = getattr(e, "failures", None)  # {rank: (exception, traceback)}
+        if failures:
+            r, (exc, _) = min(failures.items())
+            msg = f"rank {r}: {one_line(exc)}"
+        else:
+            msg = one_line(e)
+        raise wlt.WltError(f"{path}: cannot {what} the checkpoint ({msg})"
+                           + ("; remove it or run without --resume" if what == "read" else "")) from None
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
+def _file_of(key: str) -> int:
+    """The file (1..) a tensor of the checkpoint goes to, by its name as DCP flattens it (model.<fqn>,
+    optim.<fqn>.<state>): one per transformer block (the first number in the name), one for the rest. DCP
+    writes, and reads back, one file at a time: a rank's host memory then holds one block's share of its state
+    while saving or resuming, not its whole shard."""
+    m = re.search(r"\.(\d+)\.", key)
+    return int(m.group(1)) + 2 if m else 1
 
 
 def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, settings: dict, inputs: dict) -> None:
     """Save the training state after `step` optimizer steps. A collective: every rank must call it."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    dcp, Writer, _ = require_dcp()
     final, tmp, old = (os.path.join(out_dir, d) for d in (CKPT, CKPT + ".tmp", CKPT + ".old"))
     if rank() == 0:
         remove_dir(tmp)
         os.makedirs(tmp)
     barrier()
-    msd, osd = get_state_dict(model, opt, options=_ckpt_options(cpu_offload=True))  # full tensors on rank 0
+    sd, param_groups = _sharded_state(model, opt)
+    keys = [f"model.{k}" for k in sd["model"]] + [f"optim.{fqn}.{k}" for fqn, st in sd["optim"].items() for k in st]
+    # every rank writes its own files; returns once every rank's files are written
+    _dcp_call(dcp.save, "write", tmp, state_dict=sd,
+              storage_writer=Writer(tmp, save_distributed=True, fqn_to_index_mapping={k: _file_of(k) for k in keys}))
+    del sd
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, os.path.join(tmp, f"rng-{rank()}.pt"))
     if rank() == 0:
-        tensors = {f"model/{k}": v.contiguous() for k, v in msd.items()}
-        for fqn, st in osd["state"].items():
-            for name, v in st.items():
-                tensors[f"optim/{fqn}/{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-        save_file(tensors, os.path.join(tmp, "weights.safetensors"))
-        torch.save({"step": step, "sched": sched.state_dict(), "param_groups": osd["param_groups"],
+        files = sorted(f for f in os.listdir(tmp) if f.endswith(".safetensors"))
+        torch.save({"step": step, "sched": sched.state_dict(), "param_groups": param_groups, "files": files,
                     "world_size": world_size(), "args": settings, "inputs": inputs}, os.path.join(tmp, "state.pt"))
     barrier()
     if rank() == 0:
@@ -148,10 +229,19 @@ def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[st
     found, step = None, 0
     for d in (CKPT, CKPT + ".old"):
         path = os.path.join(out_dir, d)
-        if not all(os.path.isfile(os.path.join(path, f)) for f in ("state.pt", "weights.safetensors")):
+        if not os.path.isfile(os.path.join(path, "state.pt")):
             continue
-        st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
-        if st.get("inputs") == inputs and all(st.get("args", {}).get(k) == v for k, v in settings.items()):
+        try:
+            st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+        except Exception as e:  # cut or damaged from outside: the renames never leave a half-written one
+            log(f"{path}: unreadable state.pt ({one_line(e)}); starting from step 0")
+            break
+        files = st.get("files")
+        if files is None:
+            log(f"{path}: an older checkpoint format (one weights.safetensors); starting from step 0")
+        elif not files or not all(os.path.isfile(os.path.join(path, f)) for f in files):
+            log(f"{path}: shard files missing; starting from step 0")
+        elif st.get("inputs") == inputs and all(st.get("args", {}).get(k) == v for k, v in settings.items()):
             found, step = path, int(st["step"])
             if st.get("world_size") != world_size():
                 log(f"warning: {path} was saved by {st.get('world_size')} process(es), resumed by {world_size()}: "
@@ -167,22 +257,20 @@ def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[st
 
 def load_checkpoint(path: str, model: nn.Module, opt, sched) -> None:
     """Restore model (trainable parameters), optimizer, scheduler and this rank's RNG from save_checkpoint's
-    folder. A collective: every rank must call it."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    folder. Each rank reads only the slices of the shard files that it holds. A collective: every rank must
+    call it."""
+    dcp, _, Reader = require_dcp()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
-    msd, state = {}, {}
-    for k, v in load_file(os.path.join(path, "weights.safetensors")).items():
-        kind, rest = k.split("/", 1)
-        if kind == "model":
-            msd[rest] = v
-        else:
-            fqn, name = rest.rsplit("/", 1)
-            state.setdefault(fqn, {})[name] = v
-    # every rank reads the full tensors and keeps its own shard of them; strict=False: the frozen base weights
-    # are not in a checkpoint (they never change)
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": st["param_groups"]},
-                   options=_ckpt_options(strict=False))
+    sd, _ = _sharded_state(model, opt)  # this rank's tensors, in its shapes: DCP fills them in place
+    _dcp_call(dcp.load, "read", path, state_dict=sd, storage_reader=Reader(path))
+    # the tensors already hold the checkpoint; set_state_dict puts the saved param_groups (learning rate, ...)
+    # back and is where a model whose state_dict tensors are copies would receive them. strict=False: the frozen
+    # base weights are not in a checkpoint (the template above decided which tensors must be there)
+    set_state_dict(model, opt, model_state_dict=sd["model"],
+                   optim_state_dict={"state": sd["optim"], "param_groups": st["param_groups"]},
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    del sd
     sched.load_state_dict(st["sched"])
     rng_path = os.path.join(path, f"rng-{rank()}.pt")
     if os.path.isfile(rng_path):  # absent when resuming on more ranks than saved

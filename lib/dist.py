@@ -29,6 +29,12 @@ def autocast(dev: torch.device, dtype: str = "auto"):
     return contextlib.nullcontext()
 
 
+def compute_dtype(dev: torch.device, dtype: str = "auto") -> torch.dtype:
+    """The dtype inference loads its weights in: bf16 where autocast computes in bf16 (CUDA by default, or
+    --dtype bf16), else fp32, so a rank holds its weights once, in the precision they are used in."""
+    return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else torch.float32
+
+
 def init_distributed() -> None:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python` run is one process."""
     if world_size() > 1 and not torch.distributed.is_initialized():
@@ -223,6 +229,44 @@ def memory_report(model: nn.Module, opt) -> dict:
     if torch.cuda.is_available():
         out["cuda_peak_mib_per_rank"] = mib[2]
     return out
+
+
+def host_rss_mib() -> float:
+    """This process's resident host memory now, MiB (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def host_peak_mib() -> float:
+    """This process's peak resident host memory so far (getrusage ru_maxrss), MiB. It counts the pages of
+    memory-mapped files a process has read (safetensors weights on the CPU) as well as its own allocations."""
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def per_rank(values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (the same length on each), indexed [value][rank], on every rank. A collective."""
+    t = torch.zeros(len(values), world_size(), dtype=torch.float64)
+    t[:, rank()] = torch.tensor(values, dtype=torch.float64)
+    return all_reduce_sum(t).tolist()
+
+
+def weight_bytes(*models) -> int:
+    """Bytes of the parameters and buffers of the given models, each storage once (tied weights, a model
+    shared by two roles)."""
+    seen = {}
+    for m in models:
+        if m is None:
+            continue
+        for t in [*m.parameters(), *m.buffers()]:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            seen[(t.device, t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def _local_bytes(t: torch.Tensor) -> int:

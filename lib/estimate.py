@@ -121,6 +121,8 @@ def estimate_memory(cfg, nproc: int = 1, lora_rank: int = 0, micro_batch: int = 
     blocks = transformer_blocks(model)
     n_block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     n_root = n_all - sum(sum(p.numel() for p in b.parameters()) for b in blocks)
+    train_block = max(sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
+    train_rest = n_train - sum(sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
     L = len(blocks)
     seqs = micro_batch * (2 if kind == "dpo" else 1)
     one = _saved_bytes(cfg, lora_rank, 1, seqs, max_len, cdt, kind == "sft")
@@ -142,7 +144,38 @@ def estimate_memory(cfg, nproc: int = 1, lora_rank: int = 0, micro_batch: int = 
         "head": head,
     }
     parts["total"] = sum(parts.values())
-    return {"bytes": parts, "parameters": n_all - n_lora, "lora": n_lora, "trainable": n_train, "blocks": L}
+    return {"bytes": parts, "parameters": n_all - n_lora, "lora": n_lora, "trainable": n_train, "blocks": L,
+            "trainable_file": max(train_block, train_rest)}
+
+
+def host_memory(res: dict, nproc: int = 1, dtype: str = "bf16") -> dict:
+    """Host (CPU) memory per process, bytes, of the moments a run reads or writes weights, on GPUs, from
+    estimate_memory's counts. Every figure counts the pages of memory-mapped files a process reads, as
+    ru_maxrss does (the tests measure it so).
+
+    load           the trainers: rank 0 reads the whole model in fp32 and sends every rank its shards (the
+                   others allocate theirs on their GPU); one process reads it all
+    checkpoint     a mid-run save, each rank, one file at a time: its shard of one transformer block's trainable
+                   weights and AdamW moments (fp32, 12 bytes per trainable parameter / nproc; or of everything
+                   outside the blocks, whichever is larger), copied off the GPU and serialised once more by
+                   safetensors (measured on CPU: 2x the file; the copy off the device adds the third)
+    resume         each rank reads the slices it holds, one file at a time: the file's pages and a tensor's copy
+    final save     rank 0 gathers the full fp32 model, one tensor at a time, and writes it
+    label/evaluate each rank reads a model in the compute dtype on the CPU and moves it to its GPU before reading
+                   the next (accelerate not installed; with it, straight to the GPU). Reading an fp32 file (what
+                   the trainers write) into bf16 also maps the file's pages while converting: page cache, shared by
+                   the ranks of a node, but counted by each rank's ru_maxrss"""
+    c = 2 if dtype == "bf16" else 4
+    n_all = res["parameters"] + res["lora"]
+    file = 12 * res["trainable_file"] / nproc
+    return {
+        "load, rank 0": 4 * n_all,
+        "load, other ranks": 0 if nproc > 1 else 4 * n_all,
+        "checkpoint save, each rank": 3 * file,
+        "resume, each rank": 2 * file,
+        "final save, rank 0": 4 * n_all,
+        "label.py / evaluate.py, each rank": c * res["parameters"],
+    }
 
 
 def add_arguments(e: argparse.ArgumentParser) -> None:
@@ -178,5 +211,8 @@ def estimate_cli(args) -> dict:
         fits = res["bytes"]["total"] <= args.device_memory * gib
         lines.append("")
         lines.append(f"{'fits' if fits else 'does NOT fit'} in {args.device_memory:g} GiB per device")
+    res["host"] = host_memory(res, args.nproc, args.dtype)
+    lines += ["", "| host memory (CPU) | GiB per process |", "| --- | ---: |"]
+    lines += [f"| {k} | {v / gib:.2f} |" for k, v in res["host"].items()]
     print("\n".join(lines))
     return res

@@ -24,13 +24,36 @@ def check_model_dir(path: str) -> None:
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                device: torch.device | None = None):
     """A causal LM, its weights read once, in `dtype` (trainers: fp32 master weights; inference: the compute
-    dtype), placed on `device` as they are read when given."""
+    dtype, dist.compute_dtype), on `device` when given.
+
+    transformers places weights on a device as it reads them (device_map) only with the accelerate package,
+    which this project does not require: with it installed a CUDA load goes straight to the GPU; without it
+    the weights are read on the CPU and then moved, so a rank's host memory holds this one model in `dtype`
+    for the moment of the move (label.py and evaluate.py move each model before loading the next). On the CPU
+    safetensors are memory-mapped: a file that already holds `dtype` becomes the weights without a copy."""
+    import importlib.util
     from transformers import AutoModelForCausalLM
     check_model_dir(path)
-    kw = {"device_map": str(device)} if device is not None else {}
+    kw = {}
+    if device is not None and device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        kw["device_map"] = str(device)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except OSError as e:
+        raise wlt.WltError(f"cannot load model {path!r}: {one_line(e)}") from None
+    return model.to(device) if device is not None else model
+
+
+def import_model_code(path: str, trust_remote_code: bool = False) -> None:
+    """Import a model's code (its family's modules in transformers, ~100 MiB of host memory for the first one)
+    without reading a weight: build it on the meta device, which allocates nothing. Then the resident memory
+    measured next is the libraries' and the code's, and what loading adds on top of it is the weights'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
         raise wlt.WltError(f"cannot load model {path!r}: {one_line(e)}") from None
 
 

@@ -281,6 +281,8 @@ class Loop:
 
     def __init__(self, args, model: nn.Module, plan: list[list[int]], inputs: dict, desc: str, n_eval: int):
         self.args, self.model, self.plan, self.inputs, self.n_eval = args, model, plan, inputs, n_eval
+        if args.save_every and args.save_every < len(plan):  # before any training time is spent
+            checkpoint.require_dcp()
         self.params, self.opt, self.sched = build_optimizer(model, args, len(plan))
         self.settings = checkpoint_settings(args)
         path, self.start = (checkpoint.checkpoint_to_resume(args.out, self.settings, inputs)

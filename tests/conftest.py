@@ -86,6 +86,40 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
     return make
 
 
+def weighty_config(family: str, vocab_size: int, big: bool = False):
+    """A model whose weights dominate a process's memory next to activations of a few KB for short sequences,
+    for host-memory measurements: ~50 MiB in fp32, or ~250 MiB with big (the runtime's fixed ~30 MiB of a
+    first forward is then small beside it)."""
+    from transformers import GPTNeoXConfig, LlamaConfig
+    hidden, layers, ffn = (1024, 5, 2816) if big else (512, 4, 1376)
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                           num_key_value_heads=8, intermediate_size=ffn, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                             intermediate_size=int(1.5 * ffn), max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def weighty_model_dir(tmp_path_factory, bpe_tokenizer):
+    """factory(family, big=False) -> folder with a randomly initialised model whose weights dominate
+    (weighty_config) + the BPE tokenizer (cached)."""
+    from transformers import AutoModelForCausalLM
+    cache = {}
+
+    def make(family: str, big: bool = False) -> str:
+        if (family, big) not in cache:
+            d = str(tmp_path_factory.mktemp(f"weighty-{family}{'-big' if big else ''}"))
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(weighty_config(family, len(bpe_tokenizer), big)).save_pretrained(d)
+            bpe_tokenizer.save_pretrained(d)
+            cache[family, big] = d
+        return cache[family, big]
+    return make
+
+
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory):
     """A small synthetic run directory (prepare only): 600 pairs, 100 test pairs."""

@@ -155,6 +155,8 @@ def test_synthetic_run_end_to_end(synthetic_run, tmp_path):
     by = {(g["policy"], g["index"]): g["response"] for g in gens}
     assert all(by[("base", i)] == by[("human", i)] and by[("sft", i)] == by[("weak", i)] for i in range(24))
     pol = res["policies"]
+    assert len(res["host_peak_mib_per_rank"]) == len(res["host_before_load_mib_per_rank"]) == 1
+    assert res["host_peak_mib_per_rank"][0] >= res["host_before_load_mib_per_rank"][0] > 0
     assert pol["sft"]["vs_base"] == pytest.approx(pol["sft"]["mean"] - pol["base"]["mean"])
     assert pol["weak"]["vs_sft"]["delta"] == 0 and "vs_sft" not in pol["sft"]
     assert res["win_rate"]["n"] == 24 and res["win_rate"]["tie"] + res["win_rate"]["win"] + res["win_rate"]["loss"] == pytest.approx(1)

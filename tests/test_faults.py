@@ -1,8 +1,10 @@
 """Nothing lost, nothing silent: runs killed with SIGKILL at exact places (tests/inject.py, from outside) and
 rerun must end with the outputs of an uninterrupted run; a NaN loss stops before the update; bad input is a
 one-line error naming file:line."""
+import glob
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -24,11 +26,30 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def same_weights(a: str, b: str, name: str = "model.safetensors") -> None:
+def same_weights(a: str, b: str, name: str = "model.safetensors", bitwise: bool = False, atol: float = 1e-6) -> None:
     x, y = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
     assert x.keys() == y.keys()
     for k in x:
-        assert torch.allclose(x[k], y[k], atol=1e-6, rtol=0), k
+        assert torch.equal(x[k], y[k]) if bitwise else torch.allclose(x[k], y[k], atol=atol, rtol=0), k
+
+
+def assert_no_pickle(folder: str) -> list[str]:
+    """Every file of a mid-run checkpoint is safetensors or plain data that torch.load reads with
+    weights_only=True (which refuses anything but tensors, numbers, strings and containers of them). Returns
+    the safetensors files."""
+    from safetensors import safe_open
+    names = sorted(os.listdir(folder))
+    assert "state.pt" in names
+    shards = []
+    for n in names:
+        path = os.path.join(folder, n)
+        if n.endswith(".safetensors"):
+            with safe_open(path, "pt") as f:
+                assert list(f.keys()), n
+            shards.append(n)
+        else:
+            torch.load(path, weights_only=True)
+    return shards
 
 
 def test_dpo_killed_then_resumed_equals_uninterrupted(synthetic_run, tmp_path):
@@ -59,6 +80,14 @@ def test_checkpoint_of_other_settings_is_not_used(synthetic_run, tmp_path):
             "--save-every", "2", "--eval-pairs", "0", "--out", str(tmp_path / "o")]
     p = run_script(INJECT, "step:4", SFT, *args, check=False)
     assert p.returncode == KILLED
+    # a shard file damaged from outside: a one-line error naming the checkpoint, not a traceback
+    ckpt = str(tmp_path / "o" / "checkpoint")
+    shard = os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))[-1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    p = run_script(SFT, *args, "--resume", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"{ckpt}: cannot read the checkpoint" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     p = run_script(SFT, *args, "--lr", "1e-3", "--resume")
     assert "made with other settings" in p.stdout and "resumed from" not in p.stdout
 
@@ -73,10 +102,52 @@ def test_sft_two_processes_killed_then_resumed(synthetic_run, tmp_path):
     torchrun(2, SFT, *args, "--out", full)
     p = torchrun(2, INJECT, "step:4@1", SFT, *args, "--out", cut, check=False)
     assert p.returncode != 0 and not os.path.exists(os.path.join(cut, "train_config.json"))
+    shards = assert_no_pickle(os.path.join(cut, "checkpoint"))
+    # each rank writes its own files: one per transformer block (2) and one for the rest
+    assert sorted(shards) == [f"shard-0000{r}-model-0000{f}-of-00003.safetensors" for r in (1, 2) for f in (1, 2, 3)]
     p = torchrun(2, SFT, *args, "--out", cut, "--resume")
-    assert "at step 2" in p.stdout
-    same_weights(full, cut)
+    assert "at step 2" in p.stdout and "not be bit-equal" not in p.stdout
+    same_weights(full, cut, bitwise=True)
     assert [r["step"] for r in read_jsonl(os.path.join(cut, "metrics.jsonl"))] == list(range(1, 6))
+
+
+def test_resume_reads_only_this_ranks_share(weighty_model_dir, tmp_path):
+    """A full fine-tune of a model whose weights dominate (~50 MiB; its checkpoint, weights + AdamW moments,
+    ~150 MiB), killed after the checkpoint of step 2 and resumed twice from that checkpoint: by 1 process and by
+    2 (the warning; DCP reshards). Each of the 2 ranks' peak host memory while resuming (tests/host_peak.py:
+    ru_maxrss over load_checkpoint, from the RSS before it) is about half of the 1-process resume's: a rank
+    reads only the slices it holds, one file at a time, and creates only its shard of the moments. The
+    checkpoint holds no pickle."""
+    from test_fsdp import write_pairs
+    model = weighty_model_dir("llama")
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), 40, seed=1)
+    args = ["--model", model, "--data", data, "--max-steps", "4", "--batch-size", "8", "--save-every", "2",
+            "--eval-pairs", "0", "--lr", "1e-3", "--max-len", "48"]
+    out, first = str(tmp_path / "out"), str(tmp_path / "resumed-by-1")
+    p = run_script(INJECT, "step:3", SFT, *args, "--out", out, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == KILLED
+    ckpt = os.path.join(out, "checkpoint")
+    assert len(assert_no_pickle(ckpt)) == 5  # one file per transformer block (4) and one for the rest
+    ckpt_mib = sum(os.path.getsize(f) for f in glob.glob(os.path.join(ckpt, "*.safetensors"))) / 2 ** 20
+    shutil.copytree(ckpt, str(tmp_path / "saved"))  # --out is a setting: both resumes use the same folder
+    peak = str(tmp_path / "peak")
+    measure = [os.path.join(ROOT, "tests", "host_peak.py"), "lib.checkpoint.load_checkpoint"]
+    p = run_script(*measure, peak + "-1", SFT, *args, "--out", out, "--resume", env={"OMP_NUM_THREADS": "1"})
+    assert "at step 2" in p.stdout and "not be bit-equal" not in p.stdout
+    os.makedirs(first)
+    os.replace(os.path.join(out, "model.safetensors"), os.path.join(first, "model.safetensors"))
+    os.remove(os.path.join(out, "train_config.json"))
+    shutil.copytree(str(tmp_path / "saved"), ckpt)
+    p = torchrun(2, *measure, peak + "-2", SFT, *args, "--out", out, "--resume")
+    assert "at step 2" in p.stdout and "saved by 1 process(es), resumed by 2" in p.stdout
+    same_weights(first, out, atol=1e-5)  # resharded: close, not bit-equal
+    d1 = [json.loads(x)["delta_mib"] for x in open(peak + "-1.rank-0.jsonl")]
+    d2 = [json.loads(open(f"{peak}-2.rank-{r}.jsonl").read())["delta_mib"] for r in (0, 1)]
+    print(f"resume peak host memory: 1 process +{d1[0]:.0f} MiB, 2 processes +{d2[0]:.0f} / +{d2[1]:.0f} MiB "
+          f"per rank (checkpoint {ckpt_mib:.0f} MiB)")
+    # what resuming adds on one process: the AdamW moments (2/3 of the checkpoint) and a file being read
+    assert len(d1) == 1 and d1[0] > 0.8 * ckpt_mib
+    assert max(d2) < 0.75 * d1[0], (d1, d2)
 
 
 def test_nan_loss_stops_before_the_update(synthetic_run, tmp_path):
@@ -148,3 +219,14 @@ def test_malformed_lines_are_one_line_errors(synthetic_run, tmp_path):
         f.write('["a list"]\n')
     with pytest.raises(wlt.WltError, match=f"{data}:1: expected a JSON object"):
         read_pairs(data)
+
+
+def test_older_torch_is_named_in_one_line(monkeypatch):
+    """Before torch 2.8, torch.distributed.checkpoint has no safetensors storage: mid-run checkpoints say which
+    torch they need."""
+    import torch.distributed.checkpoint as dcp
+    import wlt
+    from lib import checkpoint
+    monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
+    with pytest.raises(wlt.WltError, match=r"need torch >= 2\.8 .*this is torch .*--save-every 0"):
+        checkpoint.require_dcp()

@@ -124,6 +124,14 @@ def test_adapter_on_off_equals_two_models(teacher, labeled):
     out = str(teacher["dir"] / "weak-two-models.jsonl")
     p = label(teacher, teacher["merged"], out)
     assert "two models" in p.stdout
+    # one base serves as pi_w (adapter on) and pi_ref (adapter off): it holds one model plus the adapter, where
+    # the merged teacher takes two models
+    from safetensors.torch import load_file
+    adapter = load_file(os.path.join(teacher["dpo"], "adapter", "adapter_model.safetensors"))
+    lora_mib = sum(t.numel() * t.element_size() for t in adapter.values()) / 2 ** 20
+    w_adapter = json.load(open(labeled.replace(".jsonl", ".summary.json")))["weights_mib_per_rank"][0]
+    w_two = json.load(open(out.replace(".jsonl", ".summary.json")))["weights_mib_per_rank"][0]
+    assert w_adapter == pytest.approx(w_two / 2 + lora_mib, rel=1e-3)
     for a, b in zip(read_jsonl(labeled), read_jsonl(out)):
         assert (a["chosen"], a["human_agrees"]) == (b["chosen"], b["human_agrees"])
         assert a["chosen_reward"] == pytest.approx(b["chosen_reward"], rel=1e-4, abs=1e-5)
@@ -180,6 +188,8 @@ def test_two_processes_equal_one(teacher, labeled):
         assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], rel=1e-5, abs=1e-6)
     s = json.load(open(out.replace(".jsonl", ".summary.json")))
     assert s["processes"] == 2 and s["labeled"] == len(PAIRS)
+    for k in ("host_peak_mib_per_rank", "host_before_load_mib_per_rank", "weights_mib_per_rank"):
+        assert len(s[k]) == 2 and all(v > 0 for v in s[k]), k  # one value per rank
 
 
 def test_real_hh_rows_if_present(tiny_model_dir, tmp_path):

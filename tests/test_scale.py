@@ -86,6 +86,11 @@ def test_estimate_parts_follow_the_settings():
         assert eight["bytes"][k] == pytest.approx(one["bytes"][k] / 8)
     assert one["bytes"]["weights"] == pytest.approx(4 * one["parameters"])
     assert one["bytes"]["optimizer"] == pytest.approx(8 * one["parameters"])
+    h1, h8 = estimate.host_memory(one, 1), estimate.host_memory(eight, 8)
+    for k in ("checkpoint save, each rank", "resume, each rank"):  # a rank handles its shard of one file at a time
+        assert h8[k] == pytest.approx(h1[k] / 8) and h1[k] < 0.3 * 12 * one["trainable"]
+    assert h8["load, rank 0"] == h8["final save, rank 0"] == pytest.approx(4 * one["parameters"])
+    assert h8["load, other ranks"] == 0
     lora = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft")
     assert lora["trainable"] == lora["lora"] < 0.01 * lora["parameters"]
     ac = estimate.estimate_memory(cfg, nproc=1, lora_rank=8, micro_batch=1, max_len=128, kind="sft", activation_checkpointing=True)
@@ -99,17 +104,21 @@ def test_estimate_command_line():
     p = run_script(os.path.join(ROOT, "wlt.py"), "estimate", "--model", "mistralai/Mistral-7B-v0.1", "--nproc", "8",
                    "--micro-batch-size", "2", "--device-memory", "80")
     assert "7.24B parameters" in p.stdout and "| total |" in p.stdout and "fits in 80 GiB" in p.stdout
+    assert "| resume, each rank |" in p.stdout
     p = run_script(os.path.join(ROOT, "wlt.py"), "estimate", "--model", "no/such-model", check=False)
     assert p.returncode != 0 and "no config for 'no/such-model'" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_sharded_labeling_is_byte_identical(tiny_model_dir, tmp_path):
-    """label.py under 2 processes writes exactly the bytes of 1 process (same thread count on both sides)."""
+def test_sharded_labeling_is_byte_identical(weighty_model_dir, tmp_path):
+    """label.py under 2 processes writes exactly the bytes of 1 process (same thread count on both sides); on
+    models whose weights dominate (two ~250 MiB models), each rank's peak host memory over what it held before
+    loading stays within 1.15x the bytes of the weights it holds: every weight is read once, with no
+    transient second copy (the summary's per-rank fields, ru_maxrss)."""
     rows = [{"prompt": f"Human: question {i} about bread? Assistant:", "chosen": f" answer {i} with flour",
              "rejected": " no" + " more" * (i % 4)} for i in range(13)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ref, pol = tiny_model_dir("llama"), tiny_model_dir("gpt_neox")  # two unrelated models sharing a tokenizer
+    ref, pol = weighty_model_dir("llama", big=True), weighty_model_dir("gpt_neox", big=True)  # unrelated, one tokenizer
     outs = []
     for n in (1, 2):
         out = str(tmp_path / f"weak-{n}.jsonl")
@@ -120,4 +129,14 @@ def test_sharded_labeling_is_byte_identical(tiny_model_dir, tmp_path):
         else:
             torchrun(2, *args)
         outs.append(open(out, "rb").read())
+        s = json.load(open(str(tmp_path / f"weak-{n}.summary.json")))
+        peak, before, weights = (s[k] for k in ("host_peak_mib_per_rank", "host_before_load_mib_per_rank",
+                                                "weights_mib_per_rank"))
+        assert len(peak) == len(before) == len(weights) == n
+        for r in range(n):
+            print(f"label.py, {n} process(es), rank {r}: peak {peak[r]:.0f} MiB, before loading {before[r]:.0f} MiB, "
+                  f"weights {weights[r]:.0f} MiB: +{peak[r] - before[r]:.0f} MiB = "
+                  f"{(peak[r] - before[r]) / weights[r]:.2f}x the weights")
+            assert weights[r] > 450  # both models (~250 MiB each), fp32 on CPU
+            assert peak[r] - before[r] <= 1.15 * weights[r], (n, r, peak, before, weights)
     assert outs[0] == outs[1] and outs[0].count(b"\n") == 13
