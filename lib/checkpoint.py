@@ -108,7 +108,6 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
 # checkpoint or the new one complete (a kill between the two renames leaves it as checkpoint.old/).
 
 CKPT = "checkpoint"
-DCP_TORCH = "2.8"  # the first torch with torch.distributed.checkpoint.HuggingFaceStorageWriter/Reader
 
 
 def remove_checkpoints(out_dir: str) -> None:
@@ -127,9 +126,9 @@ def require_dcp():
     except ImportError:
         ok = False
     if not ok:
-        raise wlt.WltError(f"mid-run checkpoints (--save-every, --resume) need torch >= {DCP_TORCH} "
-                           f"(torch.distributed.checkpoint's safetensors storage); this is torch {torch.__version__}: "
-                           f"upgrade torch, or pass --save-every 0")
+        raise wlt.WltError(f"mid-run checkpoints (--save-every, --resume) need a torch whose "
+                           f"torch.distributed.checkpoint has HuggingFaceStorageWriter(save_distributed=...) "
+                           f"(tested with 2.13); this is torch {torch.__version__}: upgrade torch, or pass --save-every 0")
     return dcp, HuggingFaceStorageWriter, HuggingFaceStorageReader
 
 
