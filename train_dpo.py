@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--beta", type=float, default=0.1, help="KL strength beta (paper: 0.1 HH-RLHF, 0.5 TL;DR)")
     d.add_argument("--loss-type", choices=["sigmoid", "ipo", "ipo-mean", "hinge"], default="sigmoid",
                    help="sigmoid = DPO; ipo = IPO on summed log-probs, as Azar et al. write it; ipo-mean = IPO on "
-                        "per-token mean log-probs, as TRL computes it (its rewards are then per token too); "
+                        "per-token mean log-probs, as TRL computes its loss (the logged rewards are then per-token means "
+                        "too); "
                         "hinge = SLiC (wlt.dpo_loss)")
     d.add_argument("--label-smoothing", type=float, default=0.0,
                    help="conservative DPO: the assumed label-flip rate (sigmoid loss only)")
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
     d.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
                    help="run each prompt once and share its KV cache between chosen and rejected (auto: for the "
-                        "families in wlt.SHARE_PROMPT); the same numbers as off, fewer tokens through the model")
+                        "families in wlt.SHARE_PROMPT); the same numbers as off up to fp32 rounding, fewer tokens through the model")
     return ap
 
 

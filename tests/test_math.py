@@ -302,3 +302,16 @@ def test_label_smoothing_is_only_for_the_sigmoid_loss():
     for loss_type in ("ipo", "hinge"):
         with pytest.raises(ValueError):
             wlt.dpo_loss(x, x, x, x, 0.1, loss_type, label_smoothing=0.1)
+
+
+def test_preference_probability_by_hand_and_at_extreme_margins():
+    """Eq. 1: sigmoid of the reward margin. By hand: 1/(1+e^-1) = 0.7310585786; symmetric, P(m) + P(-m) = 1;
+    margins far beyond exp's range give 0 and 1 rather than an OverflowError."""
+    assert wlt.preference_probability(0.0) == 0.5
+    assert wlt.preference_probability(1.0) == pytest.approx(0.7310585786300049, rel=1e-15)
+    assert wlt.preference_probability(-1.0) == pytest.approx(0.2689414213699951, rel=1e-15)
+    for m in (0.3, 5.0, 30.0):
+        assert wlt.preference_probability(m) + wlt.preference_probability(-m) == pytest.approx(1.0, abs=1e-15)
+    assert wlt.preference_probability(-800.0) == 0.0
+    assert wlt.preference_probability(-710.0) == pytest.approx(math.exp(-710.0), rel=1e-12)
+    assert wlt.preference_probability(800.0) == 1.0
