@@ -251,7 +251,7 @@ def step_e(args, work: str) -> Step:
         res = json.load(f)
     if "dpo" not in res:
         return Step("e", False, "step d ran no DPO")
-    est, measured = estimate_vs_measured(res, whole=not args.dry)
+    est, measured = estimate_vs_measured(res, work, whole=not args.dry)
     ratio = est / max(measured, 1)
     unit, scale = ("GiB", 2 ** 30) if est > 2 ** 30 else ("MiB", 2 ** 20)
     fig = f"estimate {est / scale:.3g} {unit} vs measured {measured / scale:.3g} {unit} ({ratio:.2f}x)"
@@ -260,22 +260,30 @@ def step_e(args, work: str) -> Step:
     return Step("e", abs(ratio - 1) <= 0.2, fig + ", limit 20%")
 
 
-def estimate_vs_measured(res: dict, whole: bool = True) -> tuple[float, float]:
+def estimate_vs_measured(res: dict, work: str, whole: bool = True) -> tuple[float, float]:
     """`wlt.py estimate`'s peak for bench.py's DPO run (its shape, LoRA rank 8, its batch as one micro-batch,
     prompt + response at their longest, its dtype) and the measured one, bytes. whole: the device's peak,
     weights included; else what the steps added above the loaded weights (on a CPU the process's memory also
-    holds the libraries)."""
+    holds the libraries). The estimate is the command's own function; the command that prints it, with the
+    shape's config.json, goes to e_estimate.log."""
     from transformers import AutoConfig
     from bench import SHAPES
+    from lib import files
     from lib.estimate import estimate_memory
-    a = res["args"]
-    cfg = dict(SHAPES[a["model"]])
-    cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    max_len = a["prompt_tokens"][1] + a["response_tokens"][1] + 1
-    est = estimate_memory(cfg, 1, 8, a["dpo_batch"], max_len, "dpo", res["dtype"])["bytes"]
-    mine = res["dpo"]["wlt"]
+    a, mine = res["args"], res["dpo"]["wlt"]
     if "error" in mine:
         raise RuntimeError(f"bench's DPO run failed: {mine['error'][:150]}")
+    shape = dict(SHAPES[a["model"]])
+    cfg = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    max_len = a["prompt_tokens"][1] + a["response_tokens"][1] + 1
+    est = estimate_memory(cfg, 1, 8, a["dpo_batch"], max_len, "dpo", res["dtype"])["bytes"]
+    files.write_json(os.path.join(work, "e_config.json"), SHAPES[a["model"]])
+    files.write_text(os.path.join(work, "e_estimate.log"), "\n".join([
+        f"python wlt.py estimate --model {os.path.join(work, 'e_config.json')} --kind dpo --lora-rank 8 "
+        f"--micro-batch-size {a['dpo_batch']} --max-len {max_len} --dtype {res['dtype']}",
+        *(f"{k}: {v / 2 ** 20:.1f} MiB" for k, v in est.items()),
+        f"measured (bench.py, wlt's DPO): {mine['peak_total'] / 2 ** 20:.1f} MiB in all, "
+        f"{mine['peak'] / 2 ** 20:.1f} MiB above the loaded weights", ""]))
     if whole:
         return est["total"], mine["peak_total"]
     return est["total"] - est["weights"], mine["peak"]
