@@ -1,7 +1,9 @@
 """extras/gpu_check.py in its dry mode (tiny shapes on the CPU, what a machine without a GPU can run), and the
-checks its steps judge by: the results tables of step b, the bit-equality of step c, a missing input."""
+checks its steps judge by: the results tables of step b, the bit-equality of step c, a missing input. Also
+WLT_TEST_DEVICE (tests/conftest.py), which its step a sets: the scripts' fp32, a device that cannot be had."""
 import json
 import os
+import re
 import types
 
 import pytest
@@ -85,12 +87,11 @@ def test_scripts_run_in_fp32_on_the_test_device(monkeypatch):
     assert conftest.on_test_device((dpo,)) == [dpo]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-def test_cuda_test_device_without_cuda_is_a_one_line_stop():
-    import subprocess
-    import sys
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                        os.path.join(ROOT, "tests", "test_math.py")], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, WLT_TEST_DEVICE="cuda"))
-    assert p.returncode == 4 and "WLT_TEST_DEVICE=cuda, but torch sees no CUDA device" in p.stdout + p.stderr
-
+@pytest.mark.parametrize("value, message", [("cuda", "WLT_TEST_DEVICE=cuda, but torch sees no CUDA device"),
+                                            ("tpu", "WLT_TEST_DEVICE='tpu': use cpu (the default) or cuda")])
+def test_a_test_device_that_cannot_be_had_stops_the_suite_in_one_line(value, message, monkeypatch):
+    import runpy
+    monkeypatch.setenv("WLT_TEST_DEVICE", value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pytest.exit.Exception, match=re.escape(message)):
+        runpy.run_path(os.path.join(ROOT, "tests", "conftest.py"))  # what pytest does first
