@@ -54,7 +54,7 @@ SMALL_LAUNCH = {"PREPARE_ARGS": "--num-pairs 200 --num-test 12", "SFT_ARGS": "--
 DPO_RESUME = ["--max-steps", "6", "--batch-size", "8", "--save-every", "2", "--lora-dropout", "0.2", "--lr", "1e-2",
               "--eval-pairs", "0"]
 # seconds per step at full size: 9 minutes in all; the dry mode's steps are short but CPUs are slow
-TIMEOUT = {"full": {"a": 150, "b": 150, "c": 60, "d": 150, "e": 30}, "dry": {k: 300 for k in STEPS}}
+TIMEOUT = {"full": {"a": 140, "b": 140, "c": 50, "d": 180, "e": 30}, "dry": {k: 300 for k in STEPS}}
 
 
 class Step:
@@ -306,6 +306,9 @@ def main():
     ap.add_argument("--cpu-table", default=None, help="markdown file whose first results table is the CPU one that step "
                                                       "b compares with (default: the project's README.md)")
     ap.add_argument("--run-dir", default=None, help="a prepared synthetic run step c may use when b did not run")
+    ap.add_argument("--time-scale", type=float, default=1.0,
+                    help="multiply every step's time limit (full size: "
+                         + ", ".join(f"{k} {v} s" for k, v in TIMEOUT["full"].items()) + ")")
     ap.add_argument("--tests", default=None, help="step a's pytest arguments, space-separated (default: the method's tests)")
     args = ap.parse_args()
     steps = [s for s in args.steps if s in STEPS]
@@ -314,6 +317,11 @@ def main():
     args.cpu_table = args.cpu_table or os.path.join(ROOT, "README.md")
     if not os.path.isfile(args.cpu_table):
         ap.error(f"--cpu-table {args.cpu_table}: no such file")
+    if not args.time_scale > 0:
+        ap.error(f"--time-scale {args.time_scale}: must be > 0")
+    for size in TIMEOUT.values():
+        for k in size:
+            size[k] *= args.time_scale
     if args.out and os.path.exists(args.out):
         ap.error(f"--out {args.out}: already exists; name a new folder")
     import torch
