@@ -134,7 +134,7 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
         return ref_train, ref_eval
     ref_model = None
     if not args.reference_free and args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
-        ref_model = dist.build_model(args.ref, fwd.dev, args.seed, args.trust_remote_code)[0].eval()
+        ref_model = dist.build_model(args.ref, fwd.dev, args.seed, args.trust_remote_code, dtype=args.dtype)[0].eval()
     per_epoch = trainer.steps_per_epoch(len(train), args.batch_size)  # plan[step] is a batch of epoch step // per_epoch
     ref_train = torch.zeros(-(-len(plan) // per_epoch), len(train), 2, dtype=torch.float64)
     bar = progress(len(plan), "reference log-probs", "step")

@@ -35,8 +35,11 @@ def run_main(main) -> None:
     if not sys.stderr.isatty():  # the libraries' own bars (loading weights) are a terminal's, not a log file's
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-        import datasets
-        datasets.disable_progress_bars()
+        try:  # only the hub and parquet sources use datasets: a machine without it runs everything else
+            import datasets
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
     try:
         main()
     except wlt.WltError as e:

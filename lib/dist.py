@@ -109,12 +109,19 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def shard_model(model: nn.Module, dev: torch.device) -> nn.Module:
-    """FSDP2: one fully_shard unit per transformer block plus the root. bf16 parameters with fp32 gradient
-    reduction on CUDA; plain fp32 on CPU."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" \
-        else MixedPrecisionPolicy()
+def mixed_precision(dev: torch.device, dtype: str = "auto"):
+    """FSDP2's precision: bf16 parameters with fp32 gradient reduction on CUDA unless --dtype fp32 asks for
+    fp32 there; plain fp32 on CPU (where bf16 is autocast's alone)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if dev.type == "cuda" and compute_dtype(dev, dtype) == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: nn.Module, dev: torch.device, dtype: str = "auto") -> nn.Module:
+    """FSDP2: one fully_shard unit per transformer block plus the root, in mixed_precision(dev, dtype)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mp = mixed_precision(dev, dtype)
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -147,7 +154,7 @@ def unique_state_keys(model: nn.Module) -> set:
 
 
 def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool = False, lora: dict | None = None,
-                activation_checkpointing: bool = False) -> tuple[nn.Module, set]:
+                activation_checkpointing: bool = False, dtype: str = "auto") -> tuple[nn.Module, set]:
     """The model a trainer trains, on `dev`; under torchrun sharded with FSDP2. Returns (model, keep) where
     keep = state-dict keys without tied duplicates. lora: wlt.add_lora's keyword arguments, or None.
 
@@ -181,7 +188,7 @@ def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool
     keep = unique_state_keys(model)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    shard_model(model, dev)
+    shard_model(model, dev, dtype)
     model.to_empty(device=dev)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -206,7 +213,7 @@ def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout
     tok = load_tokenizer(args.model, args.trust_remote_code)
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets) if lora_rank > 0 else None
     model, keep = build_model(args.model, dev, args.seed, args.trust_remote_code, lora,
-                              getattr(args, "activation_checkpointing", False))
+                              getattr(args, "activation_checkpointing", False), getattr(args, "dtype", "auto"))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensor.numel() is the global size
     n_all = sum(p.numel() for p in model.parameters())
     log(f"model {args.model}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable, "

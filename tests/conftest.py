@@ -1,5 +1,12 @@
 """Shared fixtures: tiny models of several families built from configs (random init, saved with
-save_pretrained) and a byte-level BPE tokenizer trained in-process. Nothing is downloaded."""
+save_pretrained) and a byte-level BPE tokenizer trained in-process. Nothing is downloaded.
+
+WLT_TEST_DEVICE picks the device the suite runs on: `cpu` (the default) or `cuda`. With `cuda`, every tensor
+and model the tests build in this process is created on the GPU (torch's default device), and the project's
+scripts the tests start run on the GPU in fp32 (`--dtype fp32`; their own default there is bf16 autocast), so
+the tests' fp32 tolerances hold; a test that starts more processes than there are GPUs is skipped. With
+`cpu`, CUDA is hidden from the tests and the scripts they start, so a machine with a GPU runs the same suite
+as one without."""
 import os
 import sys
 
@@ -11,6 +18,16 @@ sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "extras"))  # bench.py, judge.py, experiments.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEST_DEVICE = os.environ.get("WLT_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by CUDA at its first use: this process and every script it starts
+elif TEST_DEVICE == "cuda":
+    if not torch.cuda.is_available():
+        pytest.exit("WLT_TEST_DEVICE=cuda, but torch sees no CUDA device here; unset it to run on the CPU", returncode=4)
+    torch.set_default_device("cuda")
+else:
+    pytest.exit(f"WLT_TEST_DEVICE={TEST_DEVICE!r}: use cpu (the default) or cuda", returncode=4)
 
 # Real HH-RLHF rows in the hub's format ({"chosen": ..., "rejected": ...} per line), for the few tests that
 # check the dialogue split and label.py on real text: a local file named by WLT_HH_SAMPLE; they skip without it.
@@ -130,18 +147,33 @@ def synthetic_run(tmp_path_factory):
     return d
 
 
+DTYPE_SCRIPTS = {"train_sft.py", "train_dpo.py", "label.py", "evaluate.py"}  # the scripts with --dtype
+
+
+def on_test_device(args: tuple) -> list:
+    """A script's command line as the suite runs it: with WLT_TEST_DEVICE=cuda, a script that has --dtype
+    (named among the first arguments: after torchrun's or tests/inject.py's own) gets --dtype fp32."""
+    if TEST_DEVICE == "cuda" and "--dtype" not in args and any(os.path.basename(str(a)) in DTYPE_SCRIPTS for a in args[:6]):
+        return [*args, "--dtype", "fp32"]
+    return list(args)
+
+
 def run_script(*args, env=None, check=True):
     """Run a project script in a subprocess; returns CompletedProcess (stdout/stderr captured)."""
     import subprocess
     e = dict(os.environ, **(env or {}))
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=e)
+    p = subprocess.run([sys.executable, *on_test_device(args)], cwd=ROOT, capture_output=True, text=True, env=e)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
 def torchrun(nproc: int, *args, env=None, check=True):
-    """Run a project script under torchrun on CPU (gloo) with nproc processes."""
+    """Run a project script under torchrun on CPU (gloo) with nproc processes; with WLT_TEST_DEVICE=cuda, on
+    nproc GPUs (nccl), and the test is skipped where there are fewer."""
+    if TEST_DEVICE == "cuda" and torch.cuda.device_count() < nproc:
+        pytest.skip(f"{nproc} processes need {nproc} GPUs under WLT_TEST_DEVICE=cuda; "
+                    f"this machine has {torch.cuda.device_count()}")
     return run_script("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
                       env=dict({"OMP_NUM_THREADS": "1"}, **(env or {})), check=check)
 

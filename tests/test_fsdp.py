@@ -229,3 +229,17 @@ def test_two_processes_hold_half_the_parameters_and_optimizer(launches, name):
     m2 = json.load(open(os.path.join(o2, "train_config.json")))["data"]["memory"]
     for k in ("params_mib_per_rank", "optimizer_mib_per_rank"):
         assert m1[k] > 0 and 0.45 <= m2[k] / m1[k] <= 0.56, (k, m1[k], m2[k])
+
+
+def test_fsdp_precision_follows_the_dtype_flag():
+    """bf16 parameters under FSDP2 only where the compute dtype is bf16 on CUDA: `--dtype fp32` on a GPU keeps
+    fp32 (it once gave bf16 parameters whatever the flag said); the CPU stays fp32, bf16 there is autocast's."""
+    import torch
+    from lib import dist
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")  # a device name: no GPU needed to build it
+    assert dist.mixed_precision(cuda).param_dtype == torch.bfloat16
+    assert dist.mixed_precision(cuda).reduce_dtype == torch.float32
+    assert dist.mixed_precision(cuda, "bf16").param_dtype == torch.bfloat16
+    assert dist.mixed_precision(cuda, "fp32").param_dtype is None  # None: the parameters' own dtype, fp32
+    assert dist.mixed_precision(cpu).param_dtype is None
+    assert dist.mixed_precision(cpu, "bf16").param_dtype is None

@@ -36,8 +36,8 @@ def _load(model_dir):
 
 @pytest.fixture(scope="module")
 def inputs(bpe_tokenizer):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, len(bpe_tokenizer), (2, 11), generator=g)
+    g = torch.Generator().manual_seed(1)  # drawn on the CPU, then on the suite's device (WLT_TEST_DEVICE)
+    ids = torch.randint(3, len(bpe_tokenizer), (2, 11), generator=g, device="cpu").to(torch.get_default_device())
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0  # one right-padded row
     return {"input_ids": ids, "attention_mask": mask}
@@ -207,7 +207,7 @@ def test_split_state_dict_and_adapter_files(family, tiny_model_dir, inputs, tmp_
     on_disk = load_file(str(adir / "adapter_model.safetensors"))
     assert set(on_disk.keys()) == expected_keys
     for k in expected_keys:
-        assert torch.equal(on_disk[k], adapter[k])
+        assert torch.equal(on_disk[k], adapter[k].cpu())
 
     loaded = checkpoint.load_adapter(_load(d), str(adir))
     assert torch.allclose(_logits(loaded, inputs), lora_logits, rtol=0, atol=1e-6)
