@@ -38,8 +38,8 @@ import torch
 import wlt
 from lib import dist, runs, synthetic
 from lib.console import argument_parser, log, one_line, run_main
-from lib.data import pad_id
-from lib.files import fingerprint, iter_jsonl, remove_dir, same_settings, write_json, write_jsonl, write_text
+from lib.data import Skips, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
+from lib.files import fingerprint, remove_dir, same_settings, write_json, write_jsonl, write_text
 from lib.models import check_model_dir, import_model_code, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
 
@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{runs.shown(runs.DEFAULT_RUN)} unless --policy is given)")
     g.add_argument("--policy", action="append", default=[], metavar="NAME=PATH",
                    help="a policy to evaluate (repeatable); replaces the run's set")
-    g.add_argument("--prompts", default=None, help="prompt file (.jsonl with a \"prompt\" field; default: the run's data/test.jsonl)")
+    g.add_argument("--prompts", default=None,
+                   help="prompt file (.jsonl/.json/.parquet: a \"prompt\" string or conversation per row, or pairs of "
+                        "any layout of docs/data.md; default: the run's data/test.jsonl)")
     g.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
     g.add_argument("--num-prompts", type=int, default=0, help="evaluate the first N prompts (0: all)")
     s = ap.add_argument_group("sampling")
@@ -203,13 +205,12 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
     if room < 1:
         raise wlt.WltError(f"{path}: {limit} positions (--max-len or the model's) leave no room for a prompt next to "
                            f"--max-new-tokens {args.max_new_tokens}")
+    if any(not isinstance(p, str) for p in prompts):  # conversations: the chat template, as in training
+        require_chat_template(tok, f"{args.prompts} under {path}")
     if args.chat_template:
-        if not tok.chat_template:
-            raise wlt.WltError(f"{path}: --chat-template given but the tokenizer has no chat template")
-        texts = [tok.apply_chat_template(hh_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-        enc = tok(texts, add_special_tokens=False).input_ids
-    else:
-        enc = tok(prompts).input_ids  # the training convention: the tokenizer's own special tokens (BOS)
+        require_chat_template(tok, f"{path} (--chat-template)")
+        prompts = [hh_messages(p) if isinstance(p, str) else p for p in prompts]
+    enc = encode_prompts(tok, prompts)  # the training convention (lib.data): BOS once, templates rendered
     stats[name] = {"prompts_cut": sum(len(e) > room for e in enc)}
     enc = [e[-room:] for e in enc]
     empty = [i for i, e in enumerate(enc) if not e]
@@ -253,15 +254,18 @@ class GoldRM:
         self.fmt = fmt if fmt != "auto" else ("chat" if self.tok.chat_template else "pair")
         self.path, self.batch_size, self.max_len, self.dev = path, batch_size, max_len, dev
 
-    def encode(self, prompt: str, response: str) -> dict:
+    def encode(self, prompt, response) -> dict:
         """The reward model's input for one sample: every field its tokenizer makes (input_ids, and
-        token_type_ids for models with segment embeddings)."""
+        token_type_ids for models with segment embeddings). prompt and response: strings, or conversations
+        (conversational data: a sample is a string, a pair's response its messages)."""
         if self.fmt == "chat":
-            msgs = hh_messages(prompt) + [{"role": "assistant", "content": response.strip()}]
+            msgs = hh_messages(prompt) if isinstance(prompt, str) else list(prompt)
+            msgs += [{"role": "assistant", "content": response.strip()}] if isinstance(response, str) else response
             text = self.tok.apply_chat_template(msgs, tokenize=False)
             enc = self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len)
         else:
-            enc = self.tok(prompt.strip(), response.strip(), truncation="only_first", max_length=self.max_len)
+            enc = self.tok(pair_text(prompt).strip(), pair_text(response).strip(), truncation="only_first",
+                           max_length=self.max_len)
         return {k: v for k, v in enc.items() if k != "attention_mask"}
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -433,11 +437,7 @@ def main():
         os.remove(marker)
 
     # ---- prompts
-    rows = [r for _, r in iter_jsonl(args.prompts)]
-    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
-    if bad:
-        raise wlt.WltError(f"{args.prompts}:{bad[0]}: no \"prompt\" string field ({len(bad)} such rows)")
-    prompts = [r["prompt"] for r in rows]
+    prompts = read_prompts(args.prompts)
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     if not prompts:
@@ -456,7 +456,7 @@ def main():
 
     # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
     weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(runs.summary_path(weak_path))
-    weak_rows = [r for _, r in iter_jsonl(weak_path)] if weak_done else []
+    weak_rows = read_pairs(weak_path, Skips(strict=True)) if weak_done else []  # any layout, as pairs
     lq_rows, sample_note = weak_rows, ""
     if exact_gold:
         gold_name = "exact (synthetic world)"

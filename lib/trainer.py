@@ -33,7 +33,9 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
                         f"{runs.shown(runs.DEFAULT_RUN)}, launch.sh's offline world, prepared on first use); "
                         f"it gives model, data, out and the default settings")
     g.add_argument("--model", default=None, help="HF model name or folder to start from")
-    g.add_argument("--data", default=None, help="pair file (.jsonl: prompt, chosen, rejected)")
+    g.add_argument("--data", default=None,
+                   help="pair file (.jsonl/.json/.parquet: prompt, chosen, rejected as strings or conversations, "
+                        "docs/data.md)")
     g.add_argument("--out", default=None, help="output folder (HF checkpoint, metrics.jsonl, train_config.json)")
     t = ap.add_argument_group("optimisation")
     t.add_argument("--lr", type=float, default=None,
