@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7); 0 = greedy")
     s.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens per sample (paper: 256)")
-    s.add_argument("--max-len", type=int, default=768,
-                   help="prompt + new tokens (also capped by the model's positions); longer prompts lose tokens from the left (counted in the table)")
+    s.add_argument("--max-len", type=int, default=None,
+                   help="prompt tokens at most (default: the run's --max-len, the longest the policies trained on, "
+                        "else 512); longer prompts lose tokens from the left (counted in the table), and so do "
+                        "prompts that leave no room for --max-new-tokens within the model's positions")
     s.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     s.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, for every policy")
     s.add_argument("--chat-template", action="store_true",
@@ -94,6 +96,8 @@ def parse_args() -> argparse.Namespace:
         args.run_dir = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)
         args.out = args.out or os.path.join(args.run_dir, "eval")
         args.prompts = args.prompts or os.path.join(args.run_dir, "data", "test.jsonl")
+    if args.max_len is None:
+        args.max_len = runs.read_run_config(args.run_dir).get("max_len", 512) if args.run_dir else 512
     for p in args.policy:
         if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
             ap.error(f"--policy {p!r}: expected NAME=PATH")
@@ -200,10 +204,10 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
         raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. also <|eot_id|>
     eos = sorted({eos} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []))
-    limit = min(args.max_len, getattr(model.config, "max_position_embeddings", None) or args.max_len)
-    room = limit - args.max_new_tokens
+    positions = getattr(model.config, "max_position_embeddings", None)
+    room = min(args.max_len, positions - args.max_new_tokens) if positions else args.max_len
     if room < 1:
-        raise wlt.WltError(f"{path}: {limit} positions (--max-len or the model's) leave no room for a prompt next to "
+        raise wlt.WltError(f"{path}: the model's {positions} positions leave no room for a prompt next to "
                            f"--max-new-tokens {args.max_new_tokens}")
     if any(not isinstance(p, str) for p in prompts):  # conversations: the chat template, as in training
         require_chat_template(tok, f"{args.prompts} under {path}")

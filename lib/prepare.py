@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1, help="test share for sources without a test split")
     p.add_argument("--seed", type=int, default=22, help="seed of the labeled/unlabeled split (paper: 22)")
     p.add_argument("--max-len", type=int, default=512,
-                   help="pairs whose prompt + longer response exceed this many tokens are dropped (counted)")
+                   help="pairs whose prompt + longer response exceed this many tokens are dropped (counted); every "
+                        "later stage of the run uses it as its --max-len")
     p.add_argument("--tokenizer", default=None, help="tokenizer for the length filter (default: the teacher model's)")
     p.add_argument("--teacher-model", default=None, help="teacher base model, recorded in config.json "
                                                          "(default: facebook/opt-125m; synthetic: a tiny Llama)")
@@ -165,9 +166,10 @@ def prepare(args) -> dict | None:
         log(f"{name}: {len(parts[name])} pairs kept of {before}"
             + "".join(f"; {n} {r}" for r, n in part_skips.counts.items()))
     skips.report(args.data)
-    sft_t = dict(defaults["sft"])
-    sft_s = dict(defaults.get("sft_student", defaults["sft"]))
-    dpo = dict(defaults["dpo"], beta=beta)
+    # the length limit goes into every stage's settings: the trainers cut to it what label.py reads whole
+    sft_t = dict(defaults["sft"], max_len=args.max_len)
+    sft_s = dict(defaults.get("sft_student", defaults["sft"]), max_len=args.max_len)
+    dpo = dict(defaults["dpo"], beta=beta, max_len=args.max_len)
     config = {
         "source": args.data, "labeled_fraction": labeled_fraction, "seed": args.seed, "max_len": args.max_len,
         "tokenizer": tok_path, "teacher_model": teacher, "student_model": student, "beta": beta,

@@ -47,7 +47,9 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
                         % ("sequences" if kind == "sft" else "pairs"))
     t.add_argument("--micro-batch-size", type=int, default=None,
                    help="per-process micro-batch; gradients accumulate up to --batch-size (default: no accumulation)")
-    t.add_argument("--max-len", type=int, default=512, help="tokens per sequence; longer prompts lose tokens from the left")
+    t.add_argument("--max-len", type=int, default=512,
+                   help="tokens per sequence; longer prompts lose tokens from the left (default: the run's, the "
+                        "length prepare filtered at; else 512)")
     t.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps, then cosine to 0")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")

@@ -162,9 +162,9 @@ LAYOUT_STYLE = {"strings": "chatml", "explicit": "chatml", "implicit": "llama3"}
 
 
 @pytest.mark.parametrize("layout", ["strings", "explicit", "implicit"])
-def test_every_stage_reads_the_layout(layout, tmp_path, chat_model_dir, monkeypatch):
-    """prepare, both trainers of both roles, label.py and evaluate.py read the layout; the data files and the
-    weak labels keep the layout of the source (.json source here for the implicit layout, read through
+def test_every_stage_reads_the_layout_and_keeps_the_runs_max_len(layout, tmp_path, chat_model_dir, monkeypatch):
+    """prepare --max-len 256 -> both trainers of both roles, label.py and evaluate.py run at 256; the data files
+    and the weak labels keep the layout of the source (.json source here for the implicit layout, read through
     datasets)."""
     model = chat_model_dir(LAYOUT_STYLE[layout])
     rows = rows_of(layout, 40)
@@ -190,11 +190,12 @@ def test_every_stage_reads_the_layout(layout, tmp_path, chat_model_dir, monkeypa
 
     for out in ("teacher/sft", "teacher/dpo", "student/sft", "student/dpo-weak"):
         cfg = json.load(open(os.path.join(run, out, "train_config.json")))
+        assert cfg["args"]["max_len"] == 256, out
         assert cfg["data"]["tokenizer_fallbacks"] == 0 and cfg["data"]["skipped"]["counts"] == {}
     summary = json.load(open(os.path.join(run, "data", "weak.summary.json")))
-    assert summary["skipped"]["counts"] == {}
+    assert summary["args"]["max_len"] == 256 and summary["skipped"]["counts"] == {}
     res = json.load(open(os.path.join(run, "eval", "results.json")))
-    assert set(res["policies"]) == {"base", "sft", "weak"}
+    assert res["args"]["max_len"] == 256 and set(res["policies"]) == {"base", "sft", "weak"}
 
     # the weak labels: the same pairs as D_u, in D_u's layout, in the teacher's order
     unlabeled = read_jsonl(os.path.join(run, "data", "unlabeled.jsonl"))
