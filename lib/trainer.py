@@ -70,9 +70,22 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
     o.add_argument("--save-every", type=int, default=100,
                    help="write a mid-run checkpoint (trainable weights, optimizer, scheduler, RNG, step) every N "
                         "steps (0: never)")
+    o.add_argument("--save-dtype", choices=["auto", *checkpoint.SAVE_DTYPES], default="auto",
+                   help="dtype of the final checkpoint's weights (auto: the dtype in the starting model's config, "
+                        "fp32 when it names none); training and mid-run checkpoints keep fp32 master weights")
+    o.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="the final checkpoint is split into files of at most this size (5GB, 500MB, ...) with an "
+                        "index file, as save_pretrained does; a single tensor larger than it gets a file of its own")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     return ap
+
+
+def _shard_size(text: str) -> int:
+    try:
+        return checkpoint.shard_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Namespace, dict]:
@@ -215,8 +228,9 @@ class MetricsLog:
 
 
 def checkpoint_settings(args) -> dict:
-    """The settings a checkpoint must share with the run that resumes it (how often it is saved does not matter)."""
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every")}
+    """The settings a checkpoint must share with the run that resumes it (how often it is saved, and how the final
+    model is written, do not matter)."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "save_dtype", "max_shard_size")}
 
 
 def begin(args) -> dict | None:
@@ -253,12 +267,16 @@ def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs:
     sd = dist.full_state_dict(model)
     lora = getattr(model, "wlt_lora", None)
     if rank() == 0:
+        # the model as a user publishes it: in the dtype it came in (or --save-dtype), in shards
+        dtype = (checkpoint.SAVE_DTYPES[args.save_dtype] if args.save_dtype != "auto"
+                 else checkpoint.config_dtype(args.model, args.trust_remote_code))
+        stats["saved_dtype"] = str(dtype).removeprefix("torch.")
         if lora:
             merged, adapter = wlt.split_lora_state_dict(sd, lora)
-            checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep)
+            checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep, dtype, args.max_shard_size)
             checkpoint.save_adapter(args.out, adapter, lora, os.path.abspath(args.model))
         else:
-            checkpoint.save_hf_checkpoint(args.out, sd, model, tok, keep)
+            checkpoint.save_hf_checkpoint(args.out, sd, model, tok, keep, dtype, args.max_shard_size)
         log(f"saved {args.out}")
         write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
         checkpoint.remove_checkpoints(args.out)

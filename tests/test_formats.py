@@ -192,6 +192,7 @@ def test_every_stage_reads_the_layout_and_keeps_the_runs_max_len(layout, tmp_pat
         cfg = json.load(open(os.path.join(run, out, "train_config.json")))
         assert cfg["args"]["max_len"] == 256, out
         assert cfg["data"]["tokenizer_fallbacks"] == 0 and cfg["data"]["skipped"]["counts"] == {}
+        assert cfg["data"]["saved_dtype"] == "float32"  # an fp32 model stays fp32
     summary = json.load(open(os.path.join(run, "data", "weak.summary.json")))
     assert summary["args"]["max_len"] == 256 and summary["skipped"]["counts"] == {}
     res = json.load(open(os.path.join(run, "eval", "results.json")))
@@ -212,3 +213,52 @@ def test_every_stage_reads_the_layout_and_keeps_the_runs_max_len(layout, tmp_pat
     assert [g["prompt"] for g in gens if g["policy"] == "weak"] == test_prompts
     if layout != "strings":
         assert all(isinstance(p, list) for p in test_prompts)
+
+
+def test_final_checkpoint_in_the_models_dtype_sharded(tmp_path, monkeypatch):
+    """A bf16-config model trained in fp32 is saved in bf16, in several files under a small --max-shard-size with
+    save_pretrained's index; from_pretrained reads it, and it equals the fp32 master weights of the same run
+    (--save-dtype fp32) cast to bf16, weights and logits."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from conftest import make_bpe_tokenizer, tiny_config
+    tok = make_bpe_tokenizer()
+    cfg = tiny_config("llama", len(tok))
+    cfg.dtype = torch.bfloat16
+    base = str(tmp_path / "base")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows_of("strings", 8))
+    common = ["--model", base, "--data", src, "--max-steps", "2", "--batch-size", "4", "--eval-pairs", "0", "--lr", "1e-2"]
+    half, full = str(tmp_path / "bf16"), str(tmp_path / "fp32")
+    run_stage(monkeypatch, train_sft, *common, "--out", half, "--max-shard-size", "20KB")
+    run_stage(monkeypatch, train_sft, *common, "--out", full, "--save-dtype", "fp32", "--max-shard-size", "20KB")
+
+    index = json.load(open(os.path.join(half, "model.safetensors.index.json")))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and sorted(f for f in os.listdir(half) if f.startswith("model-")) == files
+    sd = {}
+    for f in files:
+        part = load_file(os.path.join(half, f))
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 20_000 or len(part) == 1
+        sd.update(part)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values())
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    assert json.load(open(os.path.join(half, "config.json")))["dtype"] == "bfloat16"
+    assert json.load(open(os.path.join(half, "train_config.json")))["data"]["saved_dtype"] == "bfloat16"
+
+    master = {}
+    for f in set(json.load(open(os.path.join(full, "model.safetensors.index.json")))["weight_map"].values()):
+        master.update(load_file(os.path.join(full, f)))
+    assert {t.dtype for t in master.values()} == {torch.float32}
+    assert master.keys() == sd.keys() and all(torch.equal(master[k].to(torch.bfloat16), sd[k]) for k in sd)
+    assert not torch.equal(master["lm_head.weight"], load_file(os.path.join(base, "model.safetensors"))["lm_head.weight"].float())
+
+    ids = torch.tensor([tok("Human: How do I bake bread? Assistant: Mix").input_ids])
+    m_half = AutoModelForCausalLM.from_pretrained(half)  # the dtype its config names
+    m_cast = AutoModelForCausalLM.from_pretrained(full, dtype=torch.bfloat16)
+    assert next(m_half.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(m_half(ids).logits, m_cast(ids).logits)
