@@ -61,9 +61,14 @@ def _saved_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _write_weights(path: str, tensors: dict, dtype: torch.dtype | None) -> int:
-    """One safetensors file of `tensors` cast to `dtype`, written atomically; returns its tensor bytes."""
+    """One safetensors file of `tensors` cast to `dtype`, written atomically; returns its tensor bytes. Empties
+    `tensors` as it casts: a tensor nothing else holds is freed as soon as its copy exists."""
     from safetensors.torch import save_file
-    out = {k: v.detach().to("cpu", _saved_dtype(v, dtype)).contiguous() for k, v in tensors.items()}
+    out = {}
+    for k in list(tensors):
+        v = tensors.pop(k)
+        out[k] = v.detach().to("cpu", _saved_dtype(v, dtype)).contiguous()
+        del v
     atomic_write(path, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
     return sum(t.numel() * t.element_size() for t in out.values())
 
@@ -80,8 +85,9 @@ def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | Non
     weight files of an earlier save that this one does not write are removed. `keep` drops tied duplicates
     (unique_state_keys of the unsharded model).
 
-    Host memory: the tensors of one file at a time are cast and serialized (safetensors builds a file's bytes
-    in memory), so the peak above the state dict is about two shards, not the whole model twice."""
+    Host memory: `sd` is consumed, its tensors dropped file by file as their cast copies are made, so a state
+    dict gathered for the save (multi-process or CUDA runs) shrinks while it is written; where its tensors are
+    the live model's own (one CPU process), one file's cast copies at most come on top."""
     os.makedirs(out_dir, exist_ok=True)
     keys = [k for k in sd if keep is None or k in keep]
     shards, size = [[]], 0
@@ -96,7 +102,7 @@ def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | Non
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     total = 0
     for name, ks in zip(names, shards):  # one file's tensors at a time
-        total += _write_weights(os.path.join(out_dir, name), {k: sd[k] for k in ks}, dtype)
+        total += _write_weights(os.path.join(out_dir, name), {k: sd.pop(k) for k in ks}, dtype)
     written = set(names)
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in zip(names, shards) for k in ks}}

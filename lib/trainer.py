@@ -264,6 +264,7 @@ def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs:
     the resolved settings, data counts, per-rank memory and the inputs' fingerprints; its presence marks a
     complete output, and the mid-run checkpoint is removed."""
     stats["memory"] = dist.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
+    opt.state.clear()  # the AdamW moments are not needed any more: room for the gathered and cast weights
     sd = dist.full_state_dict(model)
     lora = getattr(model, "wlt_lora", None)
     if rank() == 0:
@@ -273,6 +274,7 @@ def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs:
         stats["saved_dtype"] = str(dtype).removeprefix("torch.")
         if lora:
             merged, adapter = wlt.split_lora_state_dict(sd, lora)
+            sd = None  # merged holds what the save needs; it drops each tensor once written
             checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep, dtype, args.max_shard_size)
             checkpoint.save_adapter(args.out, adapter, lora, os.path.abspath(args.model))
         else:
