@@ -69,6 +69,10 @@ def test_progress_is_a_few_plain_lines_when_stderr_is_not_a_terminal(monkeypatch
     assert "\r" not in err.getvalue()
     assert 2 <= len(lines) <= 12, lines
     assert lines[-1].startswith("label: 5000/5000 pairs (100%)")
+    # each line between the first and the last says the time left at the rate so far; the last has none left
+    assert all(re.search(r"pairs/s, \d+(\.\d)? (s|min|h) left$", x) for x in lines[1:-1]) and len(lines) > 2
+    assert "left" not in lines[-1]
+    assert [console._duration(s) for s in (59, 600, 9000)] == ["59 s", "10 min", "2.5 h"]
 
 
 @pytest.fixture(scope="module")
