@@ -37,10 +37,11 @@ import torch
 
 import wlt
 from lib import dist, runs, synthetic
-from lib.console import argument_parser, log, one_line, run_main
+from lib.console import argument_parser, log, one_line, rank, run_main
 from lib.data import Skips, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
 from lib.files import fingerprint, remove_dir, same_settings, write_json, write_jsonl, write_text
-from lib.models import check_model_dir, import_model_code, load_model, load_tokenizer
+from lib.memory import HostMemory
+from lib.models import check_model_dir, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
 
 ROLE_NAMES = {"base": "base model", "sft": "SFT (reference)", "human": "pi_human (DPO, human labels)",
@@ -96,8 +97,6 @@ def parse_args() -> argparse.Namespace:
         args.run_dir = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)
         args.out = args.out or os.path.join(args.run_dir, "eval")
         args.prompts = args.prompts or os.path.join(args.run_dir, "data", "test.jsonl")
-    if args.max_len is None:
-        args.max_len = runs.read_run_config(args.run_dir).get("max_len", 512) if args.run_dir else 512
     for p in args.policy:
         if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
             ap.error(f"--policy {p!r}: expected NAME=PATH")
@@ -223,8 +222,8 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
                            f"({len(empty)} such prompts); remove them or use a tokenizer that adds BOS")
 
     t0 = time.time()
-    out = run_batches(in_batches([len(e) for e in enc], args.batch_size), partial, f"gen:{name}", f"sample {name}",
-                      "prompt", sample_batch, model, tok, enc, eos, pad, args, dev)
+    out = run_batches(in_batches([len(e) for e in enc], args.batch_size), partial, sample_batch, model, tok, enc, eos,
+                      pad, args, dev, tag=f"gen:{name}", desc=f"sample {name}", unit="prompt")
     stats[name]["seconds"] = time.time() - t0
     del model
     return out
@@ -300,8 +299,8 @@ class GoldRM:
                 raise wlt.WltError(f"{self.path}: cannot build the reward-model input of item {i} ({desc}): "
                                    f"{one_line(e)}") from None
 
-        res = run_batches(in_batches([len(e["input_ids"]) for e in enc], self.batch_size), partial, f"rm:{desc}",
-                          desc, "seq", self.score_batch, enc)
+        res = run_batches(in_batches([len(e["input_ids"]) for e in enc], self.batch_size), partial, self.score_batch,
+                          enc, tag=f"rm:{desc}", desc=desc, unit="seq")
         res = dist.broadcast(res)
         return [res[i] for i in range(len(items))]
 
@@ -417,7 +416,11 @@ def results_markdown(res: dict) -> str:
 
 def main():
     args = parse_args()
+    if args.run_dir:
+        runs.prepare_if_default(args.run_dir)
     cfg = runs.read_run_config(args.run_dir) if args.run_dir else {}
+    if args.max_len is None:  # the run's length limit: the longest prompt its policies trained on
+        args.max_len = cfg.get("max_len", 512)
     exact_gold = cfg.get("source") == "synthetic" and not args.gold_rm
     if not exact_gold and not args.gold_rm:
         raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
@@ -433,11 +436,8 @@ def main():
         return
     dist.init_distributed()
     dev = dist.device()
-    for path in set(pols.values()):  # the baseline of the host-memory figures: code imported, no weights
-        if os.path.isfile(os.path.join(path, "config.json")):
-            import_model_code(path, args.trust_remote_code)
-    host_before = dist.host_rss_mib()
-    if dist.rank() == 0 and os.path.isfile(marker):
+    host = HostMemory(pols.values(), args.trust_remote_code)  # its baseline: code imported, no weights
+    if rank() == 0 and os.path.isfile(marker):
         os.remove(marker)
 
     # ---- prompts
@@ -450,7 +450,7 @@ def main():
 
     # ---- sample every policy (one model in memory at a time). Finished batches of samples and of scores are
     # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped.
-    if args.overwrite and dist.rank() == 0:  # evaluate from scratch, not from an earlier run's batches
+    if args.overwrite and rank() == 0:  # evaluate from scratch, not from an earlier run's batches
         remove_dir(os.path.join(args.out, "results.partial"))
     partial = Partial(os.path.join(args.out, "results"),
                           {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
@@ -477,10 +477,8 @@ def main():
         flat = rm.score([(r["prompt"], r[k]) for r in lq_rows for k in ("chosen", "rejected")], "gold of D_u pairs", partial) if lq_rows else []
         lq_gold = list(zip(flat[0::2], flat[1::2]))
         del rm
-    # per rank, MiB: peak host memory (ru_maxrss) and the resident memory before any weight was read (libraries
-    # and the policies' model code imported)
-    peak, before = dist.per_rank([dist.host_peak_mib(), host_before])
-    if dist.rank() != 0:
+    host_figures = host.report()  # per rank: peak host memory and its baseline
+    if rank() != 0:
         dist.barrier()
         partial.remove()
         return
@@ -488,7 +486,7 @@ def main():
     # ---- statistics and tables
     res = {"setup": {"what": args.run_dir or args.out, "gold": gold_name, "prompts": len(prompts),
                      "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
-           "policies": {}, "host_peak_mib_per_rank": peak, "host_before_load_mib_per_rank": before}
+           "policies": {}, **host_figures}
     for name, g in gold.items():
         m, se = mean_se(g)
         p = {"path": pols[name], "mean": m, "se": se, "n": len(g), **gen_stats[name],

@@ -23,10 +23,11 @@ import torch
 
 import wlt
 from lib import checkpoint, dist, runs
-from lib.console import argument_parser, log, run_main
+from lib.console import argument_parser, log, rank, run_main, world_size
 from lib.data import Skips, pad_id, pair_key, pair_to_row, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, read_json, remove_dir, same_settings, write_json, write_jsonl
-from lib.models import check_model_dir, import_model_code, load_model, load_tokenizer
+from lib.memory import HostMemory
+from lib.models import check_model_dir, load_model, load_tokenizer, share_prompt_setting
 from lib.resumable import Partial, in_batches, run_batches
 
 
@@ -78,6 +79,7 @@ def parse_args() -> argparse.Namespace:
 def resolve_teacher(args) -> None:
     """--teacher: the run's teacher and data, unless given explicitly; both models must be finished trainings."""
     run = args.run_dir = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)
+    runs.prepare_if_default(run)
     cfg = runs.read_run_config(run)
     for key, stage, sub in (("ref", "teacher/sft", "sft"), ("model", "teacher/dpo", "dpo")):
         if getattr(args, key) is None:
@@ -117,17 +119,17 @@ def load_teacher(args, dev: torch.device):
     return pol, ref, tok, f"two models: {args.model} / {args.ref}"
 
 
-def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool | None) -> dict:
+def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool) -> dict:
     """{pair index: [log pi_w(chosen), log pi_w(rejected), log pi_ref(chosen), log pi_ref(rejected)]}, each
-    prompt run once per model for both responses (wlt.pair_logps)."""
+    prompt run once per model for both responses when share (wlt.pair_logps)."""
     batch = [exs[i] for i in idx]
-    lw = wlt.pair_logps(pol, batch, pad, share)                                         # [B, 2]
+    logps_w = wlt.pair_logps(pol, batch, pad, share)                                    # [B, 2] under pi_w
     if ref is None:
         with wlt.lora_disabled(pol):
-            lr = wlt.pair_logps(pol, batch, pad, share)
+            logps_ref = wlt.pair_logps(pol, batch, pad, share)                          # [B, 2] under pi_ref
     else:
-        lr = wlt.pair_logps(ref, batch, pad, share)
-    t = torch.cat([lw, lr], dim=1).float().cpu()                                       # [B, 4]
+        logps_ref = wlt.pair_logps(ref, batch, pad, share)
+    t = torch.cat([logps_w, logps_ref], dim=1).float().cpu()                            # [B, 4]
     return {i: t[j].tolist() for j, i in enumerate(idx)}
 
 
@@ -143,7 +145,7 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
         "chosen_reward_mean": statistics.fmean(r["chosen_reward"] for r in rows),
         "rejected_reward_mean": statistics.fmean(r["rejected_reward"] for r in rows),
         "pairs_per_s": (len(rows) - resumed) / max(seconds, 1e-9), "seconds": seconds, "resumed_pairs": resumed,
-        "processes": dist.world_size(), "teacher": how, **host,
+        "processes": world_size(), "teacher": how, **host,
     }
     if all("gold_chosen" in r and "gold_rejected" in r for r in rows):  # synthetic world: exact gold rewards
         summary["gold_accuracy"] = {
@@ -162,18 +164,15 @@ def main():
         return
     dist.init_distributed()
     dev = dist.device()
-    if dist.rank() == 0:  # from here on there is no output until the new one is complete
+    if rank() == 0:  # from here on there is no output until the new one is complete
         for f in (marker, args.out):
             if os.path.isfile(f):
                 os.remove(f)
 
     # ---- setup: the teacher; the data, read and tokenized by every process (cheap next to the forwards)
-    for path in {args.ref, args.model}:  # the baseline of the host-memory figures: code imported, no weights
-        if os.path.isfile(os.path.join(path, "config.json")):
-            import_model_code(path, args.trust_remote_code)
-    host_before = dist.host_rss_mib()
+    host = HostMemory([args.ref, args.model], args.trust_remote_code)  # its baseline: code imported, no weights
     pol, ref, tok, how = load_teacher(args, dev)
-    log(f"teacher: {how}; beta {args.beta}; {dist.world_size()} process(es) on {dev}")
+    log(f"teacher: {how}; beta {args.beta}; {world_size()} process(es) on {dev}")
     skips, locs, layouts = Skips(strict=args.strict), [], []
     pairs = read_pairs(args.data, skips, locs, layouts)
     n_rows = len(pairs) + skips.total()
@@ -186,41 +185,40 @@ def main():
     # a resumed run, compute exactly the same numbers
     lengths = [len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"])) for i in todo]
     batches = [[todo[j] for j in b] for b in in_batches(lengths, args.batch_size)]
-    share = {"auto": None, "on": True, "off": False}[args.share_prompt]
+    share = share_prompt_setting(args.share_prompt, pol)
 
     # ---- the log-probs, batch by batch; finished batches are kept in OUT.partial/ as they are made, so a
     # killed run resumes where it stopped
-    if args.overwrite and dist.rank() == 0:  # relabel from scratch, not from an earlier run's batches
+    if args.overwrite and rank() == 0:  # relabel from scratch, not from an earlier run's batches
         remove_dir(args.out + ".partial")
     partial = Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
     resumed = sum(len(b) for k, b in enumerate(batches) if f"label:{k}" in partial.done)  # labeled before a kill
     t0 = time.time()
     with torch.inference_mode(), dist.autocast(dev, args.dtype):
-        logps = run_batches(batches, partial, "label", "label", "pair", label_batch, exs, pol, ref, pad_id(tok), share)
+        logps = run_batches(batches, partial, label_batch, exs, pol, ref, pad_id(tok), share,
+                            tag="label", desc="label", unit="pair")
     seconds = time.time() - t0
-    # per rank, MiB: peak host memory (ru_maxrss), the resident memory before any weight was read (libraries and
-    # model code imported), and the bytes of the weights the rank holds (on the device, on CUDA)
-    peak, before, weights = dist.per_rank([dist.host_peak_mib(), host_before, dist.weight_bytes(pol, ref) / 2 ** 20])
-    host = {"host_peak_mib_per_rank": peak, "host_before_load_mib_per_rank": before, "weights_mib_per_rank": weights}
-    if dist.rank() != 0:  # rank 0 has every pair's log-probs and writes the output
+    host_figures = host.report(pol, ref)  # per rank: peak host memory, its baseline, the weights held
+    if rank() != 0:  # rank 0 has every pair's log-probs and writes the output
         dist.barrier()
         partial.remove()
         return
 
     # ---- Eq. 5 on the summed log-probs, then each pair in the teacher's order
     t = torch.tensor([logps[i] for i in todo], dtype=torch.float64)
-    r_in_c = wlt.implicit_reward(t[:, 0], t[:, 2], args.beta)  # the input's chosen response
-    r_in_r = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
+    reward_of_chosen = wlt.implicit_reward(t[:, 0], t[:, 2], args.beta)  # of the input's chosen response
+    reward_of_rejected = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
     tie_break = torch.tensor([wlt.text_tie_break(pair_key(pairs[i]["chosen"]), pair_key(pairs[i]["rejected"]))
                               for i in todo])
-    keep = wlt.weak_labels(r_in_c, r_in_r, tie_break)
-    ties = int((r_in_c == r_in_r).sum())
+    teacher_agrees = wlt.weak_labels(reward_of_chosen, reward_of_rejected, tie_break)
+    ties = int((reward_of_chosen == reward_of_rejected).sum())
     if ties:
         log(f"warning: {ties} pair(s) with exactly equal rewards (is pi_w different from pi_ref?); broken by a "
             f"hash of the two texts, not by the input order")
-    rows = [relabeled_row(pairs[i], bool(keep[k]), float(r_in_c[k]), float(r_in_r[k])) for k, i in enumerate(todo)]
+    rows = [relabeled_row(pairs[i], bool(teacher_agrees[k]), float(reward_of_chosen[k]), float(reward_of_rejected[k]))
+            for k, i in enumerate(todo)]
     write_jsonl(args.out, [pair_to_row(r, layouts[i]) for r, i in zip(rows, todo)])  # as each row was read
-    summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how, host)
+    summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how, host_figures)
     summary.update(args=vars(args), inputs=inputs)
     write_json(marker, summary)  # last: marks the output complete
     dist.barrier()

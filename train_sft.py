@@ -15,7 +15,7 @@ import torch
 
 import wlt
 from lib import dist, trainer
-from lib.console import run_main
+from lib.console import run_main, world_size
 from lib.data import pad_id
 from lib.prepare import SFT_LR
 
@@ -58,36 +58,38 @@ def main():
         return
 
     # ---- setup: the same weights on every process (sharded under torchrun), the data, optimizer and plan
-    model, tok, dev, keep = dist.setup_model(args)
+    model, tok, dev, unique_keys = dist.setup_model(args)
     train, evals, stats = trainer.load_examples(args, tok, "sft")
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
-    loop = trainer.Loop(args, model, plan, inputs, "sft", len(evals))
+    tokens = [len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train]  # through the model per item, for tokens/s
+    loop = trainer.Loop(args, model, plan, inputs, "sft", len(evals), tokens)
     pad = pad_id(tok)
     model.train()  # SFT keeps the model's own dropout
 
-    # ---- loop
+    # ---- loop: one optimizer step per global batch
     for step in loop.steps():
         n_tokens = sum(len(train[i]["chosen_ids"]) for i in plan[step])  # response tokens of the global batch
-        sums, count, tokens = {"loss": 0.0}, 0.0, 0
-        for idx, w in loop.micro_batches(step):
+        sums, response_tokens = {"loss": 0.0}, 0  # summed NLL over this rank's response tokens; how many
+        for idx, w in loop.micro_batches(step):  # this rank's share of the global batch
             b = batch_of([train[i] for i in idx], pad, dev)
             with dist.autocast(dev, args.dtype):
                 logps = wlt.response_logps(model, **b)                                  # [B]
-            wts = torch.tensor(w, device=dev)                                           # 0: a padding copy
+            wts = torch.tensor(w, device=dev)                                           # [B] 0: a padding copy
             # FSDP2 averages gradients over the W processes (its default divisor); x W turns that average back
             # into the sum over the global batch (x 1 in a single process)
-            (wlt.sft_loss(logps * wts, n_tokens) * dist.world_size()).backward()
-            sums["loss"] += float(-(logps.detach() * wts).sum())                        # summed NLL
-            count += sum(len(train[i]["chosen_ids"]) for i, x in zip(idx, w) if x)      # its response tokens
-            tokens += int((b["attention_mask"].sum(-1) * (wts > 0)).sum())
-        row = loop.update(step, sums, count, tokens)
+            (wlt.sft_loss(logps * wts, n_tokens) * world_size()).backward()
+            sums["loss"] += float(-(logps.detach() * wts).sum())
+            response_tokens += sum(len(train[i]["chosen_ids"]) for i, x in zip(idx, w) if x)
+        row = loop.optimizer_step(step, sums, response_tokens)  # all ranks' means; NaN stops; clip; AdamW + schedule
         if loop.eval_due(step):
             row["eval/loss"] = held_out_loss(model, evals, loop.micro, pad, dev, args.dtype)
         loop.log(row, shown=("loss", "eval/loss"))
+        if loop.checkpoint_due(step):
+            loop.save_checkpoint(step)  # weights, optimizer, schedule, RNG: what --resume continues from
     loop.close()
 
     # ---- save: the full state dict gathered to rank 0, an HF checkpoint, then train_config.json
-    trainer.save_final(args, model, tok, keep, loop.opt, stats, inputs)
+    trainer.save_final(args, model, tok, unique_keys, loop.opt, stats, inputs)
 
 
 if __name__ == "__main__":

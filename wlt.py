@@ -52,13 +52,18 @@ def warn_once(key, msg: str) -> None:
 # Eq. 1  Bradley-Terry preferences: a human prefers y1 to y2 with probability
 #            P(y1 > y2 | x) = sigmoid(r(x, y1) - r(x, y2)),
 #        and RLHF fits a reward model r by maximising the log-likelihood of the human labels under it. DPO
-#        (below) is the same likelihood with the weak teacher's implicit reward in place of r. The synthetic world's
-#        simulated annotators are this model of an exact gold reward (lib/synthetic.py).
+#        (Eq. 3) is the same likelihood with the implicit reward of the policy being trained in place of r: the
+#        teacher's in Eq. 4, the student's in Eq. 6. The synthetic world's simulated annotators are this model of
+#        an exact gold reward (lib/synthetic.py).
 
 
 def preference_probability(reward_margin: float) -> float:
-    """P(y1 > y2 | x) for reward_margin = r(x, y1) - r(x, y2)."""
-    return 1 / (1 + math.exp(-reward_margin))
+    """P(y1 > y2 | x) for reward_margin = r(x, y1) - r(x, y2): the logistic sigmoid, written in the form that
+    cannot overflow (exp of a non-positive number) for margins of any size."""
+    if reward_margin >= 0:
+        return 1 / (1 + math.exp(-reward_margin))
+    e = math.exp(reward_margin)
+    return e / (1 + e)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,8 +214,9 @@ class _TokenLogps(torch.autograd.Function):
 
 def token_logps(hidden: torch.Tensor, head: dict, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """log p(target | hidden) at N selected positions: hidden [N, H] (each the state that predicts its target),
-    targets [N] -> [N] fp32, p the model's own output distribution (head_of). Exactly a full log_softmax's
-    numbers, computed [chunk / V rows, V] at a time, forward and backward."""
+    targets [N] -> [N] fp32, p the model's own output distribution (head_of). A full log_softmax's numbers up to
+    fp32 rounding (logit - logsumexp, not the same float operations: a few ulps apart), computed [chunk / V rows,
+    V] at a time, forward and backward."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
     rows = max(1, (chunk or LOGPS_CHUNK) // head["weight"].shape[0])
@@ -430,8 +436,9 @@ LORA_TARGETS = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
 }
-for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2"):
+for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"):
     LORA_TARGETS[_t] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # fused q|k|v and gate|up maps
 
 
 class LoRALinear(nn.Module):

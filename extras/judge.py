@@ -166,7 +166,8 @@ def label_pairs(judge, data: str, out: str, repeats: int = 1, seed: int = 0, str
         raise wlt.WltError(f"{data}: no pairs to label")
     partial = Partial(out, {"judge": judge.name, "data": fingerprint(data), "repeats": repeats, "seed": seed})
     batches = [list(range(s, min(s + 16, len(pairs)))) for s in range(0, len(pairs), 16)]
-    verdicts = run_batches(batches, partial, "judge", "judge labels", "pair", judge_batch, judge, pairs, repeats, seed)
+    verdicts = run_batches(batches, partial, judge_batch, judge, pairs, repeats, seed, tag="judge",
+                           desc="judge labels", unit="pair")
     rows, ties = [], 0
     for i, p in enumerate(pairs):
         v = verdicts[i]

@@ -1,4 +1,5 @@
-"""The plumbing the scripts share, one module per concern; wlt.py holds the method and imports none of it.
+"""The plumbing the scripts share, one module per concern. wlt.py holds the method and imports nothing from here
+(only its `__main__`, `python wlt.py prepare|estimate`, hands off to commands.py); these modules import wlt.
 
     console.py     rank-0 logging, one-line errors, progress bars, --help formatting
     files.py       atomic writes, JSON lines, input fingerprints
@@ -6,6 +7,7 @@
                    the pair filter, rows in a labeler's order
     models.py      loading models and tokenizers, with clear errors
     dist.py        devices and dtypes, torchrun process groups, FSDP2 sharding, data-parallel helpers
+    memory.py      memory figures: a training rank's parameters and optimizer state, inference host memory
     checkpoint.py  HF checkpoints, PEFT-layout adapters, mid-run checkpoints, the cached DPO reference
     runs.py        the run folder: its config, each stage's paths, what must be finished first
     trainer.py     what train_sft.py and train_dpo.py share: flags, data, batch plan, optimizer, the end of a step

@@ -49,12 +49,20 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
-    """Sum (or op="MAX": the largest) of a tensor over the ranks; returned where it came from (nccl reduces
-    CUDA tensors only)."""
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over the ranks, returned where it came from."""
+    return _all_reduce(t, torch.distributed.ReduceOp.SUM if world_size() > 1 else None)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise largest value of a tensor over the ranks, returned where it came from."""
+    return _all_reduce(t, torch.distributed.ReduceOp.MAX if world_size() > 1 else None)
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if world_size() > 1:
-        r = t.to(device())
-        torch.distributed.all_reduce(r, op=getattr(torch.distributed.ReduceOp, op))
+        r = t.to(device())  # nccl reduces CUDA tensors only
+        torch.distributed.all_reduce(r, op=op)
         t = r.to(t.device)
     return t
 
@@ -216,62 +224,11 @@ def full_state_dict(model: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def memory_report(model: nn.Module, opt) -> dict:
-    """What one rank holds, in MiB, the largest over the ranks: its shards of the parameters and of the
-    optimizer state (AdamW moments), counted from the tensors themselves; on CUDA also the allocator's peak.
-    Under FSDP2 with N ranks the first two are about 1/N of a one-process run's. A collective."""
-    params = sum(_local_bytes(p) for p in model.parameters())
-    optim = sum(_local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
-    cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    vals = all_reduce_sum(torch.tensor([params, optim, cuda_peak], dtype=torch.float64), op="MAX")
-    mib = [float(v) / 2 ** 20 for v in vals]
-    out = {"params_mib_per_rank": mib[0], "optimizer_mib_per_rank": mib[1]}
-    if torch.cuda.is_available():
-        out["cuda_peak_mib_per_rank"] = mib[2]
-    return out
-
-
-def host_rss_mib() -> float:
-    """This process's resident host memory now, MiB (Linux /proc; 0 where it is not available)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def host_peak_mib() -> float:
-    """This process's peak resident host memory so far (getrusage ru_maxrss), MiB. It counts the pages of
-    memory-mapped files a process has read (safetensors weights on the CPU) as well as its own allocations."""
-    import resource
-    import sys
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 def per_rank(values: list[float]) -> list[list[float]]:
     """Every rank's `values` (the same length on each), indexed [value][rank], on every rank. A collective."""
     t = torch.zeros(len(values), world_size(), dtype=torch.float64)
     t[:, rank()] = torch.tensor(values, dtype=torch.float64)
     return all_reduce_sum(t).tolist()
-
-
-def weight_bytes(*models) -> int:
-    """Bytes of the parameters and buffers of the given models, each storage once (tied weights, a model
-    shared by two roles)."""
-    seen = {}
-    for m in models:
-        if m is None:
-            continue
-        for t in [*m.parameters(), *m.buffers()]:
-            t = t.to_local() if hasattr(t, "to_local") else t
-            seen[(t.device, t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
-    return sum(seen.values())
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.numel() * t.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -85,3 +85,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
         raise load_error("tokenizer", path, e) from None
+
+
+def share_prompt_setting(flag: str, model, activation_checkpointing: bool = False) -> bool:
+    """--share-prompt auto|on|off, resolved once for `model`: whether a pair's prompt runs once for both
+    responses (wlt.pair_logps). auto: where the family allows it (wlt.can_share_prompt); on for a family that
+    cannot share: a one-line error. The shared prompt's KV cache is written inside each block's forward, and a
+    checkpointed block would write it again when recomputed, so activation checkpointing runs every sequence
+    whole."""
+    if activation_checkpointing:
+        return False
+    if flag == "on" and not wlt.can_share_prompt(model):
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise wlt.WltError(f"--share-prompt on: prompt sharing is not supported for model type {kind!r} (supported: "
+                           f"{', '.join(sorted(wlt.SHARE_PROMPT))}); use --share-prompt off or auto")
+    return {"auto": wlt.can_share_prompt(model), "on": True, "off": False}[flag]

@@ -75,10 +75,10 @@ def in_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[s:s + size] for s in range(0, len(order), size)]
 
 
-def run_batches(batches: list[list[int]], partial: Partial, tag: str, desc: str, unit: str, fn, *args) -> dict:
+def run_batches(batches: list[list[int]], partial: Partial, fn, *args, tag: str, desc: str, unit: str) -> dict:
     """Run fn(batch, *args) -> {item: value} over the batches not yet in `partial`, dealt out to the ranks in
-    turn (batch k of the remaining list to rank k mod W), recording each finished batch, with a progress bar of
-    the items. The batches are fixed by the caller, so any number of processes and any interruption give the
+    turn (batch k of the remaining list to rank k mod W), recording each finished batch under "tag:k", with a
+    progress bar of the items (desc, unit). The batches are fixed by the caller, so any number of processes and any interruption give the
     same values. Returns every item's value on rank 0 ({} on the other ranks)."""
     remaining = [k for k in range(len(batches)) if f"{tag}:{k}" not in partial.done]
     bar = progress(sum(map(len, batches)), desc, unit,

@@ -17,7 +17,7 @@ import os
 
 import wlt
 from lib import dist, prepare
-from lib.console import log, one_line
+from lib.console import log, one_line, rank
 from lib.files import read_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,11 +59,14 @@ def require(run: str, stage: str) -> None:
         raise wlt.WltError(f"{shown(run)}: {what} (no {marker}); run `{stage_command(run, stage)}` first")
 
 
-def prepare_default_run() -> None:
-    """The default run is launch.sh's offline world: prepared here on first use, with the settings launch.sh
-    uses, so that launch.sh later finds it prepared. Another run folder must be prepared explicitly."""
+def prepare_if_default(run: str) -> None:
+    """The default run is launch.sh's offline world: the scripts prepare it on first use, with the settings
+    launch.sh uses, so that launch.sh later finds it prepared. Any other run folder must be prepared explicitly
+    (`python wlt.py prepare`): nothing happens here for it."""
+    if os.path.abspath(run) != DEFAULT_RUN or finished(run, "prepare"):
+        return
     dist.init_distributed()
-    if dist.rank() == 0 and not finished(DEFAULT_RUN, "prepare"):
+    if rank() == 0 and not finished(DEFAULT_RUN, "prepare"):
         log(f"{shown(DEFAULT_RUN)}: preparing the default synthetic world (first use)")
         prepare.prepare(prepare.parse_args(["--data", "synthetic", "--out", DEFAULT_RUN]))
     dist.barrier()
@@ -71,8 +74,6 @@ def prepare_default_run() -> None:
 
 def read_run_config(run: str) -> dict:
     """runs/NAME/config.json, as `wlt.py prepare` wrote it (a clear error when it is missing or broken)."""
-    if os.path.abspath(run) == DEFAULT_RUN and not finished(run, "prepare"):
-        prepare_default_run()
     require(run, "prepare")
     path = os.path.join(run, "config.json")
     try:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib import checkpoint, dist, runs
+from lib import checkpoint, dist, memory, runs
 from lib.console import argument_parser, log, progress, rank, world_size
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, same_settings, write_json, write_text
@@ -96,6 +96,7 @@ def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Names
     extra = {}
     if args.teacher or args.student:
         run = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)  # one spelling, so reruns compare equal
+        runs.prepare_if_default(run)
         role = "teacher" if args.teacher else "student"
         given = {k: getattr(args, k) for k in ("model", "data", "out")}
         d = runs.run_defaults(run, script, role)
@@ -149,6 +150,11 @@ def batch_plan(n: int, batch_size: int, epochs: int, seed: int, max_steps: int =
         random.Random(seed * 1000 + ep).shuffle(order)
         plan += [order[s:s + batch_size] for s in range(0, n, batch_size)]
     return plan[:max_steps] if max_steps > 0 else plan
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Global batches per epoch of batch_plan: plan[step] belongs to epoch step // steps_per_epoch."""
+    return -(-n // batch_size)
 
 
 def micro_batch_size(args) -> int:
@@ -263,7 +269,7 @@ def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs:
     an HF checkpoint; with LoRA, the merged model plus adapter/ in PEFT's layout. Then train_config.json, last:
     the resolved settings, data counts, per-rank memory and the inputs' fingerprints; its presence marks a
     complete output, and the mid-run checkpoint is removed."""
-    stats["memory"] = dist.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
+    stats["memory"] = memory.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
     opt.state.clear()  # the AdamW moments are not needed any more: room for the gathered and cast weights
     sd = dist.full_state_dict(model)
     lora = getattr(model, "wlt_lora", None)
@@ -293,18 +299,22 @@ class Loop:
     """The bookkeeping of a training loop, the same for both trainers. A script's loop reads
 
         for step in loop.steps():
-            sums = {...}                                     # named metrics, weighted sums over this rank's pairs
+            sums, over = {...}, 0                            # named metrics summed over this rank's items; their count
             for idx, w in loop.micro_batches(step):          # this rank's share of the global batch
-                ... forward, loss.backward(), add to sums
-            row = loop.update(step, sums, tokens)            # all ranks' means; NaN stops; clip; optimizer step
+                ... forward, loss.backward(), add to sums and over
+            row = loop.optimizer_step(step, sums, over)      # all ranks' means; NaN stops; clip; AdamW + schedule
             if loop.eval_due(step): row.update(held-out metrics)
-            loop.log(row)                                    # metrics.jsonl, progress, mid-run checkpoint
+            loop.log(row)                                    # metrics.jsonl and the progress bar
+            if loop.checkpoint_due(step): loop.save_checkpoint(step)
 
     Building it makes the optimizer and the schedule, and with --resume restores a matching mid-run checkpoint
-    (weights, optimizer, schedule, RNG; the data position is the step, since the plan is fixed by the seed)."""
+    (weights, optimizer, schedule, RNG; the data position is the step, since the plan is fixed by the seed).
+    tokens_per_item[i]: the tokens item i puts through the model, for the tokens/s figure."""
 
-    def __init__(self, args, model: nn.Module, plan: list[list[int]], inputs: dict, desc: str, n_eval: int):
+    def __init__(self, args, model: nn.Module, plan: list[list[int]], inputs: dict, desc: str, n_eval: int,
+                 tokens_per_item: list[int]):
         self.args, self.model, self.plan, self.inputs, self.n_eval = args, model, plan, inputs, n_eval
+        self.tokens_per_item = tokens_per_item
         if args.save_every and args.save_every < len(plan):  # before any training time is spent
             checkpoint.require_dcp()
         self.params, self.opt, self.sched = build_optimizer(model, args, len(plan))
@@ -322,21 +332,22 @@ class Loop:
         return range(self.start, len(self.plan))
 
     def micro_batches(self, step: int):
-        """Yield (indices, weights) of this rank's micro-batches of global batch `step` (dist.micro_batches).
-        Under FSDP2 gradients are reduce-scattered once per step, after the last micro-batch."""
+        """Yield (indices, weights) of this rank's micro-batches of global batch `step` (dist.micro_batches;
+        weight 0 marks a padding copy). Under FSDP2 gradients are reduce-scattered once per step, after the last
+        micro-batch. Counts the tokens of the real items for tokens/s."""
         mbs = dist.micro_batches(self.plan[step], self.micro)
-        for j, mb in enumerate(mbs):
+        for j, (idx, w) in enumerate(mbs):
             if world_size() > 1:
                 self.model.set_requires_gradient_sync(j == len(mbs) - 1)
-            yield mb
+            self.tokens += sum(self.tokens_per_item[i] for i, x in zip(idx, w) if x)
+            yield idx, w
 
-    def update(self, step: int, sums: dict, count: float, tokens: int) -> dict:
-        """The end of a step. sums: named metrics as weighted sums over this rank's items; count: this rank's
-        share of what they are averaged over (pairs, or response tokens); tokens: tokens this rank ran through
-        the model. Averages over every micro-batch of every rank, stops on a NaN/inf loss or gradient norm
-        before the update, clips, steps optimizer and schedule. Returns the step's metrics row."""
-        self.tokens += tokens
-        totals = dist.all_reduce_sum(torch.tensor([*sums.values(), count, float(self.tokens)], dtype=torch.float64))
+    def optimizer_step(self, step: int, sums: dict, over: float) -> dict:
+        """The end of a step. sums: named metrics as weighted sums over this rank's items; over: what they are
+        averaged over, this rank's share (pairs for DPO, response tokens for SFT). Averages over every
+        micro-batch of every rank, stops on a NaN/inf loss or gradient norm before the update, clips, steps
+        AdamW and the schedule. Returns the step's metrics row."""
+        totals = dist.all_reduce_sum(torch.tensor([*sums.values(), over, float(self.tokens)], dtype=torch.float64))
         means = {k: float(totals[i] / totals[-2]) for i, k in enumerate(sums)}
         stop_if_not_finite("loss", means["loss"], step + 1)  # before the update: nothing corrupt reaches the weights
         grad_norm = clip_grads(self.params, self.args.max_grad_norm)
@@ -352,13 +363,20 @@ class Loop:
         return self.n_eval > 0 and ((step + 1) % self.args.eval_every == 0 or step + 1 == len(self.plan))
 
     def log(self, row: dict, shown: tuple = ("loss",)) -> None:
-        """Write the row, show it on the progress bar, and save a mid-run checkpoint when one is due."""
+        """Write the row to metrics.jsonl and show it on the progress bar."""
         self.metrics.write(row)
         self.bar.update(1)
         self.bar.set_postfix(**{k.split("/")[-1]: f"{row[k]:.4f}" for k in shown if k in row})
-        step = row["step"]
-        if self.args.save_every and step % self.args.save_every == 0 and step < len(self.plan):
-            checkpoint.save_checkpoint(self.args.out, self.model, self.opt, self.sched, step, self.settings, self.inputs)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Every --save-every steps, except after the last step (the final save follows)."""
+        done = step + 1
+        return bool(self.args.save_every) and done % self.args.save_every == 0 and done < len(self.plan)
+
+    def save_checkpoint(self, step: int) -> None:
+        """The mid-run checkpoint after `step`: trainable weights, optimizer, schedule, RNG (a collective)."""
+        checkpoint.save_checkpoint(self.args.out, self.model, self.opt, self.sched, step + 1, self.settings,
+                                   self.inputs)
 
     def close(self) -> None:
         self.bar.close()

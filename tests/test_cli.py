@@ -17,6 +17,7 @@ import evaluate
 import label
 import train_dpo
 import train_sft
+import wlt
 from lib import commands, console, runs
 
 TORCHRUN_SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "label.py": label, "evaluate.py": evaluate}
@@ -110,6 +111,10 @@ def test_the_default_run_is_prepared_on_first_use_as_launch_sh_prepares_it(tmp_p
     from lib import prepare
     run = str(tmp_path / "runs" / "synthetic")
     monkeypatch.setattr(runs, "DEFAULT_RUN", run)
+    with pytest.raises(wlt.WltError, match="no prepared run"):  # reading a run's config never prepares it
+        runs.read_run_config(run)
+    assert not os.path.exists(run)
+    runs.prepare_if_default(run)  # what the scripts call, visibly, before they read the default run
     cfg = runs.read_run_config(run)
     assert os.path.isfile(os.path.join(run, "data", "labeled.jsonl")) and cfg["source"] == "synthetic"
     assert os.path.isabs(cfg["teacher_model"]) and os.path.isdir(cfg["teacher_model"])

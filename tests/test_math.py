@@ -69,17 +69,15 @@ def test_dpo_ipo_by_hand():
 
 def test_dpo_ipo_mean_by_hand():
     """train_dpo.py --loss-type ipo-mean: IPO on per-token means of policy and reference (TRL's IPO)."""
-    import argparse
     import train_dpo
-    args = argparse.Namespace(beta=0.1, loss_type="ipo-mean", label_smoothing=0.0)
     pol, ref = _t(PC, PR).reshape(1, 2), _t(RC, RR).reshape(1, 2)
     lengths = torch.tensor([[2, 5]])  # chosen 2 tokens, rejected 5
-    losses, cr, rr = train_dpo.losses_and_rewards(pol, ref, lengths, args)
+    losses, cr, rr = train_dpo.Objective(beta=0.1, loss_type="ipo-mean", label_smoothing=0.0)(pol, ref, lengths)
     # h = (-1/2 - -2/2) - (-3/5 - -2.5/5) = 0.5 - (-0.1) = 0.6;  (0.6 - 5)^2 = 19.36
     assert losses.item() == pytest.approx(19.36, rel=1e-12)
     assert cr.item() == pytest.approx(0.05, rel=1e-12) and rr.item() == pytest.approx(-0.01, rel=1e-12)
-    args.loss_type = "ipo"  # the summed form on the same pair: 12.25, as in test_dpo_ipo_by_hand
-    assert train_dpo.losses_and_rewards(pol, ref, lengths, args)[0].item() == pytest.approx(12.25, rel=1e-12)
+    ipo = train_dpo.Objective(beta=0.1, loss_type="ipo", label_smoothing=0.0)  # the summed form: as test_dpo_ipo_by_hand
+    assert ipo(pol, ref, lengths)[0].item() == pytest.approx(12.25, rel=1e-12)
 
 
 def test_dpo_hinge_active_and_zero_region():
@@ -302,3 +300,16 @@ def test_label_smoothing_is_only_for_the_sigmoid_loss():
     for loss_type in ("ipo", "hinge"):
         with pytest.raises(ValueError):
             wlt.dpo_loss(x, x, x, x, 0.1, loss_type, label_smoothing=0.1)
+
+
+def test_preference_probability_by_hand_and_at_extreme_margins():
+    """Eq. 1: sigmoid of the reward margin. By hand: 1/(1+e^-1) = 0.7310585786; symmetric, P(m) + P(-m) = 1;
+    margins far beyond exp's range give 0 and 1 rather than an OverflowError."""
+    assert wlt.preference_probability(0.0) == 0.5
+    assert wlt.preference_probability(1.0) == pytest.approx(0.7310585786300049, rel=1e-15)
+    assert wlt.preference_probability(-1.0) == pytest.approx(0.2689414213699951, rel=1e-15)
+    for m in (0.3, 5.0, 30.0):
+        assert wlt.preference_probability(m) + wlt.preference_probability(-m) == pytest.approx(1.0, abs=1e-15)
+    assert wlt.preference_probability(-800.0) == 0.0
+    assert wlt.preference_probability(-710.0) == pytest.approx(math.exp(-710.0), rel=1e-12)
+    assert wlt.preference_probability(800.0) == 1.0
