@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib import checkpoint, dist, memory, runs
+from lib import checkpoint, dist, memory, runs, tracking
 from lib.console import argument_parser, log, progress, rank, world_size
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, same_settings, write_json, write_text
@@ -76,6 +76,9 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
     o.add_argument("--max-shard-size", type=_shard_size, default="5GB",
                    help="the final checkpoint is split into files of at most this size (5GB, 500MB, ...) with an "
                         "index file, as save_pretrained does; a single tensor larger than it gets a file of its own")
+    o.add_argument("--report-to", choices=tracking.REPORT_TO, default="none",
+                   help="also send the metrics, under TRL's names, to TensorBoard (OUT/tensorboard/) or Weights & "
+                        "Biases; needs that package installed (docs/training.md)")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     return ap
@@ -199,10 +202,13 @@ def stop_if_not_finite(what: str, value: float, step: int) -> None:
 class MetricsLog:
     """metrics.jsonl in the output folder, written by rank 0 only, one JSON object per line."""
 
-    def __init__(self, out_dir: str, start_step: int = 0):
+    def __init__(self, out_dir: str, start_step: int = 0, report_to: str = "none", config: dict | None = None):
         """start_step > 0 (a resumed run): keep the rows of steps 1..start_step, drop later ones (written after
-        the checkpoint the run resumes from), so every step appears exactly once."""
-        self.f = None
+        the checkpoint the run resumes from), so every step appears exactly once. report_to: a tracker that
+        receives each row too (lib.tracking; the rows of a resumed run's later steps only)."""
+        self.f, self.tracker = None, None
+        if rank() == 0 and report_to != "none":
+            self.tracker = tracking.Tracker(report_to, out_dir, config or {})
         if rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "metrics.jsonl")
@@ -223,10 +229,14 @@ class MetricsLog:
         if self.f:
             self.f.write(json.dumps(row) + "\n")
             self.f.flush()
+        if self.tracker:
+            self.tracker.log(row)
 
     def close(self) -> None:
         if self.f:
             self.f.close()
+        if self.tracker:
+            self.tracker.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,7 +246,8 @@ class MetricsLog:
 def checkpoint_settings(args) -> dict:
     """The settings a checkpoint must share with the run that resumes it (how often it is saved, and how the final
     model is written, do not matter)."""
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "save_dtype", "max_shard_size")}
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "save_dtype", "max_shard_size",
+                                                              "report_to")}
 
 
 def begin(args) -> dict | None:
@@ -244,6 +255,7 @@ def begin(args) -> dict | None:
     settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
     (train_config.json) and adapter/, so a crash can never leave a folder that looks finished, and returns
     the inputs' fingerprints for finish()."""
+    tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
     dist.init_distributed()
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     marker = os.path.join(args.out, "train_config.json")
@@ -324,7 +336,7 @@ class Loop:
         if path:
             checkpoint.load_checkpoint(path, model, self.opt, self.sched)
         self.micro = micro_batch_size(args)
-        self.metrics = MetricsLog(args.out, self.start)
+        self.metrics = MetricsLog(args.out, self.start, args.report_to, vars(args))
         self.bar = progress(len(plan), desc, "step", initial=self.start)
         self.t0, self.tokens = time.time(), 0
 
