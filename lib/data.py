@@ -297,9 +297,10 @@ def _hub_splits(src: str, config: str | None, splits: dict[str, str | None]) -> 
         import datasets
         ds = datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
     except Exception as e:  # offline, no access, a set that needs a config, ...
-        raise wlt.WltError(f"could not load {name}{f' ({config})' if config else ''} from the hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); download it elsewhere and pass its "
-                           f"local folder or file to --data") from None
+        local = "" if src in HUB_PRESETS else f"no local file or folder {src!r}, and "
+        raise wlt.WltError(f"{local}could not load {name}{f' ({config})' if config else ''} from the hub "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); download it "
+                           f"elsewhere and pass its local folder or file to --data") from None
     out = {}
     for part, split in splits.items():
         if split and split not in ds:

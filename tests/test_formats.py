@@ -262,3 +262,9 @@ def test_final_checkpoint_in_the_models_dtype_sharded(tmp_path, monkeypatch):
     assert next(m_half.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(m_half(ids).logits, m_cast(ids).logits)
+
+
+def test_a_name_that_is_neither_a_local_path_nor_reachable_says_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(wlt.WltError, match=r"no local file or folder 'my-prefs', and could not load my-prefs from the hub"):
+        data.load_source("my-prefs", data.Skips())  # the suite runs offline
