@@ -38,8 +38,8 @@ import torch
 import wlt
 from lib import dist, runs, synthetic
 from lib.console import argument_parser, log, one_line, rank, run_main
-from lib.data import pad_id
-from lib.files import fingerprint, iter_jsonl, remove_dir, same_settings, write_json, write_jsonl, write_text
+from lib.data import Skips, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
+from lib.files import fingerprint, remove_dir, same_settings, write_json, write_jsonl, write_text
 from lib.memory import HostMemory
 from lib.models import check_model_dir, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
@@ -56,14 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{runs.shown(runs.DEFAULT_RUN)} unless --policy is given)")
     g.add_argument("--policy", action="append", default=[], metavar="NAME=PATH",
                    help="a policy to evaluate (repeatable); replaces the run's set")
-    g.add_argument("--prompts", default=None, help="prompt file (.jsonl with a \"prompt\" field; default: the run's data/test.jsonl)")
+    g.add_argument("--prompts", default=None,
+                   help="prompt file (.jsonl/.json/.parquet: a \"prompt\" string or conversation per row, or pairs of "
+                        "any layout of docs/data.md; default: the run's data/test.jsonl)")
     g.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
     g.add_argument("--num-prompts", type=int, default=0, help="evaluate the first N prompts (0: all)")
     s = ap.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7); 0 = greedy")
     s.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens per sample (paper: 256)")
-    s.add_argument("--max-len", type=int, default=768,
-                   help="prompt + new tokens (also capped by the model's positions); longer prompts lose tokens from the left (counted in the table)")
+    s.add_argument("--max-len", type=int, default=None,
+                   help="prompt tokens at most (default: the run's --max-len, the longest the policies trained on, "
+                        "else 512); longer prompts lose tokens from the left (counted in the table), and so do "
+                        "prompts that leave no room for --max-new-tokens within the model's positions")
     s.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     s.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, for every policy")
     s.add_argument("--chat-template", action="store_true",
@@ -199,18 +203,17 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
         raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. also <|eot_id|>
     eos = sorted({eos} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []))
-    limit = min(args.max_len, getattr(model.config, "max_position_embeddings", None) or args.max_len)
-    room = limit - args.max_new_tokens
+    positions = getattr(model.config, "max_position_embeddings", None)
+    room = min(args.max_len, positions - args.max_new_tokens) if positions else args.max_len
     if room < 1:
-        raise wlt.WltError(f"{path}: {limit} positions (--max-len or the model's) leave no room for a prompt next to "
+        raise wlt.WltError(f"{path}: the model's {positions} positions leave no room for a prompt next to "
                            f"--max-new-tokens {args.max_new_tokens}")
+    if any(not isinstance(p, str) for p in prompts):  # conversations: the chat template, as in training
+        require_chat_template(tok, f"{args.prompts} under {path}")
     if args.chat_template:
-        if not tok.chat_template:
-            raise wlt.WltError(f"{path}: --chat-template given but the tokenizer has no chat template")
-        texts = [tok.apply_chat_template(hh_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-        enc = tok(texts, add_special_tokens=False).input_ids
-    else:
-        enc = tok(prompts).input_ids  # the training convention: the tokenizer's own special tokens (BOS)
+        require_chat_template(tok, f"{path} (--chat-template)")
+        prompts = [hh_messages(p) if isinstance(p, str) else p for p in prompts]
+    enc = encode_prompts(tok, prompts)  # the training convention (lib.data): BOS once, templates rendered
     stats[name] = {"prompts_cut": sum(len(e) > room for e in enc)}
     enc = [e[-room:] for e in enc]
     empty = [i for i, e in enumerate(enc) if not e]
@@ -254,15 +257,18 @@ class GoldRM:
         self.fmt = fmt if fmt != "auto" else ("chat" if self.tok.chat_template else "pair")
         self.path, self.batch_size, self.max_len, self.dev = path, batch_size, max_len, dev
 
-    def encode(self, prompt: str, response: str) -> dict:
+    def encode(self, prompt, response) -> dict:
         """The reward model's input for one sample: every field its tokenizer makes (input_ids, and
-        token_type_ids for models with segment embeddings)."""
+        token_type_ids for models with segment embeddings). prompt and response: strings, or conversations
+        (conversational data: a sample is a string, a pair's response its messages)."""
         if self.fmt == "chat":
-            msgs = hh_messages(prompt) + [{"role": "assistant", "content": response.strip()}]
+            msgs = hh_messages(prompt) if isinstance(prompt, str) else list(prompt)
+            msgs += [{"role": "assistant", "content": response.strip()}] if isinstance(response, str) else response
             text = self.tok.apply_chat_template(msgs, tokenize=False)
             enc = self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len)
         else:
-            enc = self.tok(prompt.strip(), response.strip(), truncation="only_first", max_length=self.max_len)
+            enc = self.tok(pair_text(prompt).strip(), pair_text(response).strip(), truncation="only_first",
+                           max_length=self.max_len)
         return {k: v for k, v in enc.items() if k != "attention_mask"}
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -413,6 +419,8 @@ def main():
     if args.run_dir:
         runs.prepare_if_default(args.run_dir)
     cfg = runs.read_run_config(args.run_dir) if args.run_dir else {}
+    if args.max_len is None:  # the run's length limit: the longest prompt its policies trained on
+        args.max_len = cfg.get("max_len", 512)
     exact_gold = cfg.get("source") == "synthetic" and not args.gold_rm
     if not exact_gold and not args.gold_rm:
         raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
@@ -433,11 +441,7 @@ def main():
         os.remove(marker)
 
     # ---- prompts
-    rows = [r for _, r in iter_jsonl(args.prompts)]
-    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
-    if bad:
-        raise wlt.WltError(f"{args.prompts}:{bad[0]}: no \"prompt\" string field ({len(bad)} such rows)")
-    prompts = [r["prompt"] for r in rows]
+    prompts = read_prompts(args.prompts)
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     if not prompts:
@@ -456,7 +460,7 @@ def main():
 
     # ---- gold rewards of the samples, and of D_u's pairs for the label analysis
     weak_done = weak_path and os.path.isfile(weak_path) and os.path.isfile(runs.summary_path(weak_path))
-    weak_rows = [r for _, r in iter_jsonl(weak_path)] if weak_done else []
+    weak_rows = read_pairs(weak_path, Skips(strict=True)) if weak_done else []  # any layout, as pairs
     lq_rows, sample_note = weak_rows, ""
     if exact_gold:
         gold_name = "exact (synthetic world)"

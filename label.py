@@ -9,7 +9,9 @@ with the higher reward becomes "chosen".
 PI_W is a merged checkpoint, or a folder with adapter/ (as train_dpo.py writes) on top of PI_REF: then one
 model is loaded and its adapter switched on (pi_w) and off (pi_ref). Under torchrun every process labels a
 disjoint share of the pairs and rank 0 writes them in the input order. Output rows: prompt, chosen, rejected
-(the teacher's order), chosen_reward, rejected_reward, human_agrees, plus every other field of the input row.
+(the teacher's order), chosen_reward, rejected_reward, human_agrees, plus every other field of the input row;
+each row in the layout it was read in (conversational rows stay conversations; an implicit-prompt row keeps
+whole conversations and no prompt field).
 OUT.summary.json beside the output, written last, marks it complete (docs/scripts.md lists its fields).
 """
 import argparse
@@ -22,7 +24,7 @@ import torch
 import wlt
 from lib import checkpoint, dist, runs
 from lib.console import argument_parser, log, rank, run_main, world_size
-from lib.data import Skips, pad_id, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
+from lib.data import Skips, pad_id, pair_key, pair_to_row, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, read_json, remove_dir, same_settings, write_json, write_jsonl
 from lib.memory import HostMemory
 from lib.models import check_model_dir, load_model, load_tokenizer, share_prompt_setting
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"run folder (with --teacher; default {runs.shown(runs.DEFAULT_RUN)})")
     g.add_argument("--model", default=None, help="pi_w: merged checkpoint, or a folder with adapter/ on top of --ref")
     g.add_argument("--ref", default=None, help="pi_ref: the reference the teacher was trained from (its SFT model)")
-    g.add_argument("--data", default=None, help="pair file to label (.jsonl: prompt, chosen, rejected)")
+    g.add_argument("--data", default=None, help="pair file to label (.jsonl/.json/.parquet, any layout of docs/data.md)")
     g.add_argument("--out", default=None, help="labeled pair file to write (.jsonl)")
     o = ap.add_argument_group("labeling")
     o.add_argument("--beta", type=float, default=None,
@@ -171,8 +173,8 @@ def main():
     host = HostMemory([args.ref, args.model], args.trust_remote_code)  # its baseline: code imported, no weights
     pol, ref, tok, how = load_teacher(args, dev)
     log(f"teacher: {how}; beta {args.beta}; {world_size()} process(es) on {dev}")
-    skips, locs = Skips(strict=args.strict), []
-    pairs = read_pairs(args.data, skips, locs)
+    skips, locs, layouts = Skips(strict=args.strict), [], []
+    pairs = read_pairs(args.data, skips, locs, layouts)
     n_rows = len(pairs) + skips.total()
     exs, fallbacks = tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")
     todo = usable_pairs(exs, locs, args.max_len, skips)  # indices into pairs of the rows that can be labeled
@@ -206,7 +208,8 @@ def main():
     t = torch.tensor([logps[i] for i in todo], dtype=torch.float64)
     reward_of_chosen = wlt.implicit_reward(t[:, 0], t[:, 2], args.beta)  # of the input's chosen response
     reward_of_rejected = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
-    tie_break = torch.tensor([wlt.text_tie_break(pairs[i]["chosen"], pairs[i]["rejected"]) for i in todo])
+    tie_break = torch.tensor([wlt.text_tie_break(pair_key(pairs[i]["chosen"]), pair_key(pairs[i]["rejected"]))
+                              for i in todo])
     teacher_agrees = wlt.weak_labels(reward_of_chosen, reward_of_rejected, tie_break)
     ties = int((reward_of_chosen == reward_of_rejected).sum())
     if ties:
@@ -214,7 +217,7 @@ def main():
             f"hash of the two texts, not by the input order")
     rows = [relabeled_row(pairs[i], bool(teacher_agrees[k]), float(reward_of_chosen[k]), float(reward_of_rejected[k]))
             for k, i in enumerate(todo)]
-    write_jsonl(args.out, rows)
+    write_jsonl(args.out, [pair_to_row(r, layouts[i]) for r, i in zip(rows, todo)])  # as each row was read
     summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how, host_figures)
     summary.update(args=vars(args), inputs=inputs)
     write_json(marker, summary)  # last: marks the output complete

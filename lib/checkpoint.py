@@ -24,15 +24,99 @@ from lib.dist import barrier
 from lib.files import atomic_write, read_json, remove_dir, write_json
 
 
-def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | None = None) -> None:
-    """Write an HF checkpoint (config.json, generation_config.json, model.safetensors, tokenizer) from a full
-    state dict, atomically per file. `keep` drops tied duplicates (unique_state_keys of the unsharded model)."""
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shard_size(text: str) -> int:
+    """--max-shard-size as bytes: a number with an optional unit, decimal (KB, MB, GB, as save_pretrained reads
+    them) or binary (KiB, MiB, GiB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a size such as 5GB, 500MB or 2000000")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}[unit]
+    n = int(float(m.group(1)) * scale)
+    if n < 1:
+        raise ValueError(f"{text!r}: a shard must hold at least one byte")
+    return n
+
+
+def config_dtype(model_path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a model came in, from its config (`dtype`, or the older `torch_dtype`): the dtype its final
+    checkpoint is saved in. fp32 when the config names none or something other than fp32/bf16/fp16."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return torch.float32
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if d in SAVE_DTYPES.values() else torch.float32
+
+
+def _saved_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """Floating-point tensors are saved in `dtype` (None: their own); integer buffers stay as they are."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def _write_weights(path: str, tensors: dict, dtype: torch.dtype | None) -> int:
+    """One safetensors file of `tensors` cast to `dtype`, written atomically; returns its tensor bytes. Empties
+    `tensors` as it casts: a tensor nothing else holds is freed as soon as its copy exists."""
     from safetensors.torch import save_file
+    out = {}
+    for k in list(tensors):
+        v = tensors.pop(k)
+        out[k] = v.detach().to("cpu", _saved_dtype(v, dtype)).contiguous()
+        del v
+    atomic_write(path, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
+    return sum(t.numel() * t.element_size() for t in out.values())
+
+
+WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | None = None,
+                       dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+    """Write an HF checkpoint (config.json, generation_config.json, the weights, tokenizer) from a full state
+    dict, as save_pretrained lays it out: floating-point tensors in `dtype` (None: as they are), one
+    model.safetensors, or, above max_shard_bytes, model-0000i-of-0000n.safetensors files and
+    model.safetensors.index.json (the weight map from_pretrained reads). Each file is written atomically;
+    weight files of an earlier save that this one does not write are removed. `keep` drops tied duplicates
+    (unique_state_keys of the unsharded model).
+
+    Host memory: `sd` is consumed, its tensors dropped file by file as their cast copies are made, so a state
+    dict gathered for the save (multi-process or CUDA runs) shrinks while it is written; where its tensors are
+    the live model's own (one CPU process), one file's cast copies at most come on top."""
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if keep is None or k in keep}
-    atomic_write(os.path.join(out_dir, "model.safetensors"),
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    model.config.save_pretrained(out_dir)
+    keys = [k for k in sd if keep is None or k in keep]
+    shards, size = [[]], 0
+    for k in keys:  # in state-dict order, as save_pretrained groups them
+        n = sd[k].numel() * _saved_dtype(sd[k], dtype).itemsize
+        if max_shard_bytes and shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    total = 0
+    for name, ks in zip(names, shards):  # one file's tensors at a time
+        total += _write_weights(os.path.join(out_dir, name), {k: sd.pop(k) for k in ks}, dtype)
+    written = set(names)
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in zip(names, shards) for k in ks}}
+        write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+        written.add("model.safetensors.index.json")
+    for f in os.listdir(out_dir):  # an earlier save's files would shadow or contradict these
+        if WEIGHT_FILES.fullmatch(f) and f not in written:
+            os.remove(os.path.join(out_dir, f))
+    cfg = model.config
+    if dtype is not None:  # the config names the dtype on disk (loading in fp32 for training changed it)
+        import copy
+        cfg = copy.deepcopy(cfg)
+        cfg.dtype = dtype
+    cfg.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:

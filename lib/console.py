@@ -80,9 +80,19 @@ def argument_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParse
     return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
+def _duration(seconds: float) -> str:
+    """A time left as a log line shows it: seconds, minutes, or hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class _PlainProgress:
     """Progress for a log file, nohup or CI (stderr is not a terminal): one line at the start, then one at each
-    tenth of the work and at the end, instead of a carriage-return update many times a second."""
+    tenth of the work (with the rate so far and the time left at that rate) and at the end, instead of a
+    carriage-return update many times a second."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
@@ -105,8 +115,9 @@ class _PlainProgress:
     def _line(self) -> None:
         dt = time.time() - self.t0
         rate = (self.n - self.start) / dt if dt > 0 else 0.0
+        left = f", {_duration((self.total - self.n) / rate)} left" if 0 < rate and self.n < self.total else ""
         print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n // max(1, self.total)}%), "
-              f"{dt:.0f} s, {rate:.3g} {self.unit}/s" + (f", {self.postfix}" if self.postfix else ""),
+              f"{dt:.0f} s, {rate:.3g} {self.unit}/s{left}" + (f", {self.postfix}" if self.postfix else ""),
               file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -1,17 +1,24 @@
-"""Preference data: sources, the HH-RLHF dialogue split, tokenization, the filter every stage applies.
+"""Preference data: sources, the HH-RLHF dialogue split, chat templates, tokenization, the filter every stage
+applies.
 
-A pair is {"prompt": str, "chosen": str, "rejected": str}; chosen and rejected hold the responses only.
+A pair is {"prompt", "chosen", "rejected"}; chosen and rejected hold the responses only. Each is a string, or
+(conversational pairs, TRL's layouts) a list of {"role", "content"} messages. row_to_pair is the one place a
+source row of any layout becomes a pair; pair_to_row writes a pair back in the layout it was read in.
 A row that cannot be represented is skipped and counted with its file:line (Skips), or with --strict raises.
 
-Tokenization, one convention everywhere (docs/data.md says why):
+Tokenization, one convention everywhere (docs/data.md says why). Text pairs:
     prompt_ids   = tokenizer(prompt).input_ids                 (the tokenizer's own special tokens, e.g. BOS)
     response_ids = tokenizer(prompt + response).input_ids[len(prompt_ids):] + [eos]   when prompt_ids is a
                    prefix of the joint tokenization (the usual case), else
                    tokenizer(response, add_special_tokens=False).input_ids + [eos]   (counted as a fallback)
+Conversational pairs are first rendered by the tokenizer's chat template (render_pair), then tokenized the same
+way without adding special tokens (the rendered text holds them), and EOS is appended only to a response that
+does not already end with it.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -74,35 +81,82 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def is_messages(v) -> bool:
+    """A conversation: a list of {"role": str, "content": str, ...} messages."""
+    return isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in v)
+
+
+def split_conversations(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """TRL's implicit prompt: the longest shared opening run of messages of the two conversations is the prompt,
+    the rest of each is its response. Raises ValueError when they share no opening message or one conversation
+    is the other's opening (a response would be empty)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ValueError("the two conversations share no opening message (no prompt)")
+    if n == len(chosen) or n == len(rejected):
+        raise ValueError("one conversation is the opening of the other (an empty response)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def row_layout(row: dict) -> str:
+    """The layout of a source row: "text" (strings: pair form, or raw HH-RLHF dialogues), "explicit"
+    (conversational with a "prompt" conversation) or "implicit" (conversational chosen/rejected, the prompt
+    being their shared opening; a "prompt" string beside them, as some hub sets carry, is not used)."""
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
+        return "explicit" if isinstance(row.get("prompt"), list) else "implicit"
+    return "text"
+
+
 def row_to_pair(row: dict, loc: str, skips: Skips) -> dict | None:
-    """One source row -> a pair, or a counted skip. Layouts (detected per row):
-    {"prompt", "chosen", "rejected"}: pair form (the project's own, Dahoas/full-hh-rlhf, TL;DR);
-    {"chosen", "rejected"} without "prompt": raw HH-RLHF dialogues, split by split_hh."""
+    """One source row -> a pair, or a counted skip. Layouts (detected per row, row_layout):
+    {"prompt", "chosen", "rejected"} strings: pair form (the project's own, Dahoas/full-hh-rlhf, TL;DR);
+    {"chosen", "rejected"} strings without "prompt": raw HH-RLHF dialogues, split by split_hh;
+    {"prompt", "chosen", "rejected"} conversations: TRL's explicit prompt, taken as it is;
+    {"chosen", "rejected"} conversations: TRL's implicit prompt, split by split_conversations."""
     for k in ("chosen", "rejected"):
         if k not in row:
             skips.add(f'missing field "{k}"', loc)
             return None
-        if not isinstance(row[k], str):
-            skips.add(f'field "{k}" is not a string', loc)
-            return None
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            skips.add('field "prompt" is not a string', loc)
-            return None
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        # TL;DR layout: responses start with "TL;DR:"; keep them on their own line after the post.
-        if chosen.startswith("TL;DR:") and prompt and not prompt[-1].isspace():
-            prompt += "\n"
+    layout = row_layout(row)
+    if layout != "text":
+        for k in ("prompt", "chosen", "rejected") if layout == "explicit" else ("chosen", "rejected"):
+            if not is_messages(row[k]):
+                skips.add(f'field "{k}" is not a list of {{"role", "content"}} messages', loc)
+                return None
+        if layout == "explicit":
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        else:
+            try:
+                prompt, chosen, rejected = split_conversations(row["chosen"], row["rejected"])
+            except ValueError as e:
+                skips.add(f"conversations cannot be split: {e}", loc)
+                return None
     else:
-        try:
-            prompt, chosen, rejected = split_hh(row["chosen"], row["rejected"])
-        except ValueError as e:
-            skips.add(f"HH dialogue cannot be split: {e}", loc)
-            return None
+        for k in ("chosen", "rejected"):
+            if not isinstance(row[k], str):
+                skips.add(f'field "{k}" is not a string', loc)
+                return None
+        if "prompt" in row:
+            if not isinstance(row["prompt"], str):
+                skips.add('field "prompt" is not a string', loc)
+                return None
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+            # TL;DR layout: responses start with "TL;DR:"; keep them on their own line after the post.
+            if chosen.startswith("TL;DR:") and prompt and not prompt[-1].isspace():
+                prompt += "\n"
+        else:
+            try:
+                prompt, chosen, rejected = split_hh(row["chosen"], row["rejected"])
+            except ValueError as e:
+                skips.add(f"HH dialogue cannot be split: {e}", loc)
+                return None
     if chosen == rejected:
         skips.add("chosen and rejected responses are identical", loc)
         return None
-    if chosen == "" or rejected == "":
+    if not chosen or not rejected:
         skips.add("empty response", loc)
         return None
     pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -112,31 +166,78 @@ def row_to_pair(row: dict, loc: str, skips: Skips) -> dict | None:
     return pair
 
 
-def collect_pairs(numbered_rows, origin: str, skips: Skips, pairs: list, locs: list) -> None:
-    """Append the pair of each (line_number, row) to `pairs` and its "origin:line" to `locs`; rows that
-    cannot be represented are counted in `skips`."""
+def pair_to_row(pair: dict, layout: str) -> dict:
+    """A pair as a row of `layout` (row_layout): an implicit-prompt row gets its whole conversations back, the
+    prompt in front of each response; the other layouts are the pair itself."""
+    if layout != "implicit":
+        return pair
+    row = {"chosen": pair["prompt"] + pair["chosen"], "rejected": pair["prompt"] + pair["rejected"]}
+    row.update((k, v) for k, v in pair.items() if k not in row and k != "prompt")
+    return row
+
+
+def is_conversational(pair: dict) -> bool:
+    return isinstance(pair["prompt"], list)
+
+
+def pair_text(v) -> str:
+    """A prompt or response as one string, for what needs text whatever the layout (a text-pair reward model):
+    a string as it is, a conversation as its messages' contents separated by blank lines."""
+    return v if isinstance(v, str) else "\n\n".join(m["content"] for m in v)
+
+
+def pair_key(v) -> str:
+    """A prompt or response as an exact string (for a hash): a string as it is, a conversation as JSON."""
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def collect_pairs(numbered_rows, origin: str, skips: Skips, pairs: list, locs: list, layouts: list | None = None) -> None:
+    """Append the pair of each (line_number, row) to `pairs`, its "origin:line" to `locs` and its row_layout
+    to `layouts` (when a list); rows that cannot be represented are counted in `skips`."""
     for i, row in numbered_rows:
         p = row_to_pair(row, f"{origin}:{i}", skips)
         if p is not None:
             pairs.append(p)
             locs.append(f"{origin}:{i}")
+            if layouts is not None:
+                layouts.append(row_layout(row))
 
 
-def read_pairs(path: str, skips: Skips | None = None, locs: list | None = None) -> list[dict]:
-    """Read a pair file (.jsonl or .jsonl.gz, any layout row_to_pair accepts). Bad JSON is an error naming
-    file:line; unrepresentable rows are counted in `skips` (or raise under skips.strict). If `locs` is a
-    list, the "file:line" of each returned pair is appended to it (for later skips, e.g. too long)."""
+def read_pairs(path: str, skips: Skips | None = None, locs: list | None = None,
+               layouts: list | None = None) -> list[dict]:
+    """Read a pair file (.jsonl, .jsonl.gz, .json or .parquet, any layout row_to_pair accepts). Bad JSON is an
+    error naming file:line; unrepresentable rows are counted in `skips` (or raise under skips.strict). If `locs`
+    is a list, the "file:line" of each returned pair is appended to it (for later skips, e.g. too long); if
+    `layouts` is, each pair's row_layout (to write it back as it was read, pair_to_row)."""
     pairs = []
-    collect_pairs(iter_jsonl(path), path, skips if skips is not None else Skips(), pairs,
-                  locs if locs is not None else [])
+    collect_pairs(_file_rows(path), path, skips if skips is not None else Skips(), pairs,
+                  locs if locs is not None else [], layouts)
     return pairs
 
+
+
+def read_prompts(path: str) -> list:
+    """The prompts of a file (evaluate.py): each row's "prompt" (a string or a conversation), or, for a row
+    without one, the prompt of the pair row_to_pair makes of it (TRL's implicit layout). A row with neither is
+    an error naming file:line."""
+    prompts, skips = [], Skips(strict=True)
+    for i, row in _file_rows(path):
+        p = row.get("prompt")
+        if row_layout(row) == "implicit":  # the prompt is the conversations' shared opening
+            try:
+                p = row_to_pair(row, f"{path}:{i}", skips)["prompt"]
+            except wlt.WltError as e:
+                raise wlt.WltError(str(e).replace(" (--strict turns skips into errors)", "")) from None
+        elif not (isinstance(p, str) or (is_messages(p) and p)):
+            raise wlt.WltError(f'{path}:{i}: no "prompt" field (a string or a list of messages)')
+        prompts.append(p)
+    return prompts
 
 def _local_source_files(path: str) -> dict[str, list[str]]:
     """Files of a local source by split. A file: everything is 'train'. A folder: every .jsonl, .jsonl.gz or
     .parquet below it whose name, or else whose parent folder's name, starts with train or test (the hub's
     harmless-base/train.jsonl.gz, data/train-0000.parquet and train/0000.parquet layouts)."""
-    exts = (".jsonl", ".jsonl.gz", ".parquet")
+    exts = (".jsonl", ".jsonl.gz", ".json", ".parquet")
     if os.path.isfile(path):
         return {"train": [path], "test": []}
     if not os.path.isdir(path):
@@ -158,39 +259,82 @@ def _local_source_files(path: str) -> dict[str, list[str]]:
 
 
 def _file_rows(path: str):
-    """(line_number, row) pairs of a .jsonl(.gz) or .parquet file."""
-    if path.endswith(".parquet"):
+    """(line_number, row) pairs of a .jsonl(.gz) file (read here: a bad line is an error naming it), or of a
+    .json or .parquet file, read through `datasets` (row numbers)."""
+    if path.endswith((".parquet", ".json")):
+        if not os.path.isfile(path):
+            raise wlt.WltError(f"{path}: no such file")
         import datasets  # pyarrow comes with it
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        try:
+            ds = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
+        except Exception as e:  # malformed JSON, a schema pyarrow cannot hold, ...
+            raise wlt.WltError(f"{path}: cannot be read as a table of rows ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
         for i, row in enumerate(ds, 1):
             yield i, row
     else:
         yield from iter_jsonl(path)
 
 
-def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, list[dict]]:
-    """Load a preference source into {"train": [pairs], "test": [pairs]} (test may be empty). If `locs` is
-    given, locs[split] receives the "file:line" of each returned pair, in the same order.
+HUB_PRESETS = {"hh-rlhf": "Anthropic/hh-rlhf", "tldr": "CarperAI/openai_summarize_comparisons"}
 
-    src: "hh-rlhf" (hub Anthropic/hh-rlhf), "tldr" (hub CarperAI/openai_summarize_comparisons), or a local
-    file/folder in any of their layouts or in pair form. Folders with another schema are skipped with a
-    message (e.g. hh-rlhf's red-team-attempts). The synthetic world is made by lib/synthetic.py.
+
+def is_hub_name(src: str) -> bool:
+    """A --data value that names a hub dataset: a preset, or anything that is not a local path (an existing
+    one, an absolute or ./ path, or a file name with a data extension)."""
+    if os.path.exists(src):
+        return False
+    if src in HUB_PRESETS:
+        return True
+    return not (os.path.isabs(src) or src.startswith((".", "~")) or src.endswith((".jsonl", ".gz", ".json", ".parquet")))
+
+
+def _hub_splits(src: str, config: str | None, splits: dict[str, str | None]) -> dict:
+    """{"train": rows, "test": rows or None} of a hub dataset, read through `datasets`; a clear error when the
+    hub cannot be reached or a named split does not exist."""
+    name = HUB_PRESETS.get(src, src)
+    try:
+        import datasets
+        ds = datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
+    except Exception as e:  # offline, no access, a set that needs a config, ...
+        local = "" if src in HUB_PRESETS else f"no local file or folder {src!r}, and "
+        raise wlt.WltError(f"{local}could not load {name}{f' ({config})' if config else ''} from the hub "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); download it "
+                           f"elsewhere and pass its local folder or file to --data") from None
+    out = {}
+    for part, split in splits.items():
+        if split and split not in ds:
+            if part == "train" or split != "test":  # an explicitly named split must exist
+                raise wlt.WltError(f"{name}: no split {split!r} (splits: {', '.join(ds)}); choose one with "
+                                   f"--{part}-split")
+            split = None  # the default test split is optional: prepare carves one
+        out[part] = (f"{name}/{split}", ds[split]) if split else None
+    return out
+
+
+def load_source(src: str, skips: Skips, locs: dict | None = None, layouts: dict | None = None,
+                config: str | None = None, train_split: str = "train", test_split: str | None = "test") -> dict[str, list[dict]]:
+    """Load a preference source into {"train": [pairs], "test": [pairs]} (test may be empty). If `locs` is
+    given, locs[split] receives the "file:line" of each returned pair, in the same order; `layouts[split]`
+    likewise each pair's row_layout.
+
+    src: a local file/folder in any layout row_to_pair reads, or a hub dataset by name ("hh-rlhf" and "tldr"
+    name Anthropic/hh-rlhf and CarperAI/openai_summarize_comparisons), read through `datasets` with `config`,
+    its splits named by train_split / test_split (a missing "test" split leaves test empty). Folders with
+    another schema are skipped with a message (e.g. hh-rlhf's red-team-attempts). The synthetic world is made
+    by lib/synthetic.py.
     """
     out = {"train": [], "test": []}
     locs = locs if locs is not None else {}
+    layouts = layouts if layouts is not None else {}
     for split in out:
         locs.setdefault(split, [])
-    if src in ("hh-rlhf", "tldr") and not os.path.exists(src):
-        name = {"hh-rlhf": "Anthropic/hh-rlhf", "tldr": "CarperAI/openai_summarize_comparisons"}[src]
-        try:
-            import datasets
-            ds = datasets.load_dataset(name)
-        except Exception as e:  # offline, no access, ...
-            raise wlt.WltError(f"could not load {name} from the hub ({type(e).__name__}); "
-                               f"download it elsewhere and pass its local folder or file to --data") from None
-        for split, rows in ds.items():
-            if split in out:  # TL;DR's valid1/valid2 are not used
-                collect_pairs(enumerate(rows, 1), f"{name}/{split}", skips, out[split], locs[split])
+        layouts.setdefault(split, [])
+    if is_hub_name(src):
+        for split, got in _hub_splits(src, config, {"train": train_split, "test": test_split}).items():
+            if got:
+                origin, rows = got
+                collect_pairs(enumerate(rows, 1), origin, skips, out[split], locs[split], layouts[split])
         return out
     for split, files in _local_source_files(src).items():
         for path in files:
@@ -202,7 +346,7 @@ def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, l
             if not {"chosen", "rejected"} <= set(first[1]):
                 log(f"{path}: skipped, not a preference file (fields: {', '.join(sorted(first[1]))})")
                 continue
-            collect_pairs(itertools.chain([first], rows), path, skips, out[split], locs[split])
+            collect_pairs(itertools.chain([first], rows), path, skips, out[split], locs[split], layouts[split])
     return out
 
 
@@ -210,33 +354,100 @@ def load_source(src: str, skips: Skips, locs: dict | None = None) -> dict[str, l
 # pairs -> token ids
 
 
+def require_chat_template(tok, what: str) -> None:
+    """Conversational data needs the tokenizer's chat template: a one-line error without one."""
+    if not getattr(tok, "chat_template", None):
+        raise wlt.WltError(f"{what}: conversational rows need a chat template, and tokenizer "
+                           f"{getattr(tok, 'name_or_path', '')!r} has none; use a chat model's tokenizer, or "
+                           f"string pairs")
+
+
+def render_prompt(tok, messages: list) -> str:
+    """A conversational prompt as the model reads it before answering: the chat template with the generation
+    prompt (the assistant turn's opening)."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_pair(tok, pair: dict) -> tuple[str, dict[str, str]]:
+    """A conversational pair as text: (prompt text, {"chosen": text, "rejected": text}). prompt text =
+    render_prompt(prompt); a response's text = template(prompt + response messages)[len(prompt text):], so
+    prompt text + response text is the whole rendered conversation, the response being the assistant turn with
+    its end-of-turn token. Raises ValueError when the prompt's rendering is not the opening of a conversation's
+    (a template that renders earlier turns differently once more follow) or the template rejects the messages."""
+    try:
+        prompt = render_prompt(tok, pair["prompt"])
+        full = {k: tok.apply_chat_template(pair["prompt"] + pair[k], tokenize=False) for k in ("chosen", "rejected")}
+    except Exception as e:  # the template's own checks (e.g. roles must alternate) raise from jinja
+        raise ValueError(f"the chat template rejects the conversation ({type(e).__name__})") from None
+    if not all(f.startswith(prompt) for f in full.values()):
+        raise ValueError("the rendered prompt is not the opening of the rendered conversation")
+    return prompt, {k: f[len(prompt):] for k, f in full.items()}
+
+
+def encode_prompts(tok, prompts: list) -> list[list[int]]:
+    """Prompt ids by the one convention: a string with the tokenizer's own special tokens (BOS); a conversation
+    rendered by render_prompt, whose text already holds them (no second BOS)."""
+    out = [None] * len(prompts)
+    text = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    conv = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if text:
+        for i, ids in zip(text, tok([prompts[i] for i in text]).input_ids):
+            out[i] = list(ids)
+    if conv:
+        enc = tok([render_prompt(tok, prompts[i]) for i in conv], add_special_tokens=False).input_ids
+        for i, ids in zip(conv, enc):
+            out[i] = list(ids)
+    return out
+
+
 def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokenize") -> tuple[list[dict], int]:
     """Tokenize pairs with the convention above. Returns ([{"prompt_ids", "chosen_ids", "rejected_ids"}],
     number of responses that needed the fallback, also reported under `desc`). Response ids include the EOS
-    id; a response with no token before EOS gets an empty list (the caller skips it)."""
+    id (conversational: unless the rendered response already ends with EOS); a response with no token before
+    EOS gets an empty list (the caller skips it). A conversational pair the chat template cannot render as
+    prompt + responses gets empty lists and its reason under "skip" (usable_pairs counts it)."""
     eos = tok.eos_token_id
     if eos is None:
         raise wlt.WltError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one")
+    if any(is_conversational(p) for p in pairs):
+        require_chat_template(tok, desc)
     out, fallbacks = [], 0
     bar = progress(len(pairs), desc, "pair") if len(pairs) >= 4 * batch else None
     for s in range(0, len(pairs), batch):
         chunk = pairs[s:s + batch]
-        p_ids = tok([p["prompt"] for p in chunk]).input_ids
-        enc = {}
-        for k in ("chosen", "rejected"):
-            enc[k] = tok([p["prompt"] + p[k] for p in chunk]).input_ids
-        for j, p in enumerate(chunk):
-            row = {"prompt_ids": list(p_ids[j])}
-            for k in ("chosen", "rejected"):
-                joint = enc[k][j]
-                n = len(p_ids[j])
-                if joint[:n] == p_ids[j]:
-                    r = list(joint[n:])
-                else:
-                    fallbacks += 1
-                    r = tok(p[k], add_special_tokens=False).input_ids
-                row[f"{k}_ids"] = r + [eos] if r else []
-            out.append(row)
+        # each pair as text: (prompt, {response}, special tokens added by the tokenizer?, EOS already there?)
+        texts = []
+        for p in chunk:
+            if not is_conversational(p):
+                texts.append((p["prompt"], {k: p[k] for k in ("chosen", "rejected")}, True, {}))
+                continue
+            try:
+                prompt, resp = render_pair(tok, p)
+            except ValueError as e:
+                texts.append(str(e))
+                continue
+            # ChatML's "<|im_end|>\n": the end-of-turn token, then the template's newline
+            texts.append((prompt, resp, False, {k: r.rstrip().endswith(tok.eos_token) for k, r in resp.items()}))
+        for special in (True, False):
+            sel = [j for j, t in enumerate(texts) if isinstance(t, tuple) and t[2] == special]
+            if not sel:
+                continue
+            p_ids = tok([texts[j][0] for j in sel], add_special_tokens=special).input_ids
+            enc = {k: tok([texts[j][0] + texts[j][1][k] for j in sel], add_special_tokens=special).input_ids
+                   for k in ("chosen", "rejected")}
+            for m, j in enumerate(sel):
+                row = {"prompt_ids": list(p_ids[m])}
+                for k in ("chosen", "rejected"):
+                    joint, n = enc[k][m], len(p_ids[m])
+                    if joint[:n] == p_ids[m]:
+                        r = list(joint[n:])
+                    else:
+                        fallbacks += 1
+                        r = tok(texts[j][1][k], add_special_tokens=False).input_ids
+                    row[f"{k}_ids"] = r + ([] if texts[j][3].get(k) else [eos]) if r else []
+                texts[j] = row
+        for t in texts:
+            out.append({"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "skip": t} if isinstance(t, str) else t)
         if bar:
             bar.update(len(chunk))
     if bar:
@@ -271,7 +482,9 @@ def usable_pairs(exs: list[dict], locs: list[str], max_len: int, skips: Skips, r
     """
     kept = []
     for i, (e, loc) in enumerate(zip(exs, locs)):
-        if any(not e[f"{k}_ids"] for k in responses):
+        if e.get("skip"):  # a conversation the chat template cannot render as prompt + responses
+            skips.add(e["skip"], loc)
+        elif any(not e[f"{k}_ids"] for k in responses):
             skips.add("a response has no tokens", loc)
         elif too_long == "drop":
             if len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) > max_len:

@@ -21,6 +21,28 @@ def check_model_dir(path: str) -> None:
             raise wlt.WltError(f"{path}: model folder without weights (no *.safetensors)")
 
 
+def load_error(what: str, path: str, e: Exception) -> wlt.WltError:
+    """One line for a model or tokenizer that cannot be loaded. The hub's usual cases are named with what to do
+    (transformers wraps them in an OSError whose cause is huggingface_hub's error): a gated model (Llama,
+    Mistral, Gemma) without a login, a name that is neither a folder nor a hub model, no cached copy offline."""
+    chain, x = [], e
+    while x is not None and len(chain) < 5:
+        chain.append(type(x).__name__)
+        x = x.__cause__ or x.__context__
+    text = str(e)
+    if "GatedRepoError" in chain or "gated repo" in text:
+        return wlt.WltError(f"{path}: a gated model on the Hugging Face hub; request access on "
+                            f"https://huggingface.co/{path}, then log in (`hf auth login`) or set HF_TOKEN to a "
+                            f"token that has it")
+    if "RepositoryNotFoundError" in chain or "not a valid repository name" in text:
+        return wlt.WltError(f"{path}: no such local folder, and no {what} of that name on the Hugging Face hub (a "
+                            f"private one needs a login: `hf auth login`, or HF_TOKEN)")
+    if "LocalEntryNotFoundError" in chain or "couldn't connect to" in text:
+        return wlt.WltError(f"{path}: not in the local hub cache, and the hub cannot be reached (offline or "
+                            f"HF_HUB_OFFLINE=1); download it where the hub is reachable, or pass a local folder")
+    return wlt.WltError(f"cannot load {what} {path!r}: {one_line(e)}")
+
+
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                device: torch.device | None = None):
     """A causal LM, its weights read once, in `dtype` (trainers: fp32 master weights; inference: the compute
@@ -40,7 +62,7 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except OSError as e:
-        raise wlt.WltError(f"cannot load model {path!r}: {one_line(e)}") from None
+        raise load_error("model", path, e) from None
     return model.to(device) if device is not None else model
 
 
@@ -54,7 +76,7 @@ def import_model_code(path: str, trust_remote_code: bool = False) -> None:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise wlt.WltError(f"cannot load model {path!r}: {one_line(e)}") from None
+        raise load_error("model", path, e) from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -62,7 +84,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
-        raise wlt.WltError(f"cannot load tokenizer {path!r}: {one_line(e)}") from None
+        raise load_error("tokenizer", path, e) from None
 
 
 def share_prompt_setting(flag: str, model, activation_checkpointing: bool = False) -> bool:

@@ -14,7 +14,7 @@ import random
 import wlt
 from lib import synthetic
 from lib.console import HelpFormatter, log
-from lib.data import Skips, load_source, tokenize_pairs, usable_pairs
+from lib.data import Skips, load_source, pair_to_row, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, same_settings, write_json, write_jsonl
 from lib.models import load_tokenizer
 
@@ -39,14 +39,22 @@ SYNTHETIC_DEFAULTS = {  # calibrated on 2 CPU cores (docs/synthetic.md)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="hh-rlhf | tldr | synthetic | a local .jsonl(.gz)/.parquet file or folder")
+    p.add_argument("--data", required=True,
+                   help="hh-rlhf | tldr | synthetic | a local .jsonl(.gz)/.json/.parquet file or folder | any hub "
+                        "dataset by name (docs/data.md lists the layouts read)")
+    p.add_argument("--data-config", default=None, help="hub dataset: its configuration (subset), for sets that have several")
+    p.add_argument("--train-split", default="train", help="hub dataset: the split the training pairs come from")
+    p.add_argument("--test-split", default="test",
+                   help="hub dataset: the test split (when the set has no split of this name, the test pairs are "
+                        "carved from the training split, --test-fraction)")
     p.add_argument("--out", required=True, help="the run directory, e.g. runs/NAME")
     p.add_argument("--labeled-fraction", type=float, default=None,
                    help="share of the training pairs that keeps human labels (D_l); default 0.5 (paper), 0.2 synthetic")
     p.add_argument("--test-fraction", type=float, default=0.1, help="test share for sources without a test split")
     p.add_argument("--seed", type=int, default=22, help="seed of the labeled/unlabeled split (paper: 22)")
     p.add_argument("--max-len", type=int, default=512,
-                   help="pairs whose prompt + longer response exceed this many tokens are dropped (counted)")
+                   help="pairs whose prompt + longer response exceed this many tokens are dropped (counted); every "
+                        "later stage of the run uses it as its --max-len")
     p.add_argument("--tokenizer", default=None, help="tokenizer for the length filter (default: the teacher model's)")
     p.add_argument("--teacher-model", default=None, help="teacher base model, recorded in config.json "
                                                          "(default: facebook/opt-125m; synthetic: a tiny Llama)")
@@ -77,16 +85,16 @@ def _permute_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in sorted(idx[:k])], [rows[i] for i in sorted(idx[k:])]
 
 
-def length_filter(tok, items: list[tuple[dict, str]], max_len: int, skips: Skips, part: str) -> list[tuple[dict, str]]:
-    """items: [(pair, "file:line")] -> the pairs with len(prompt_ids) + len(longer response ids) <= max_len
+def length_filter(tok, items: list[tuple[dict, str, str]], max_len: int, skips: Skips, part: str) -> list[tuple[dict, str, str]]:
+    """items: [(pair, "file:line", layout)] -> the pairs with len(prompt_ids) + len(longer response ids) <= max_len
     (the paper's filter: a documented count, so --strict does not apply to it). A response with no tokens at
     all is a skip (an error under --strict)."""
-    toks, _ = tokenize_pairs(tok, [p for p, _ in items], desc=f"length filter ({part})")
-    kept = usable_pairs(toks, [loc for _, loc in items], max_len, skips, too_long="drop")
+    toks, _ = tokenize_pairs(tok, [it[0] for it in items], desc=f"length filter ({part})")
+    kept = usable_pairs(toks, [it[1] for it in items], max_len, skips, too_long="drop")
     return [items[i] for i in kept]
 
 
-def _synthetic_source(args, out: str) -> tuple[dict, dict, str, str, dict]:
+def _synthetic_source(args, out: str) -> tuple[dict, dict, dict, str, str, dict]:
     """The synthetic world's pairs (and its tiny models in out/models/ unless models are given)."""
     world = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in synthetic.DEFAULTS.items()}
     models_dir = os.path.join(out, "models")
@@ -104,7 +112,8 @@ def _synthetic_source(args, out: str) -> tuple[dict, dict, str, str, dict]:
                                      exclude={r["prompt"] for r in train_rows}, **wargs)
     source = {"train": train_rows, "test": test_rows}
     locs = {k: [f"synthetic/{k}:{i}" for i in range(1, len(v) + 1)] for k, v in source.items()}
-    return source, locs, teacher, student, world
+    layouts = {k: ["text"] * len(v) for k, v in source.items()}
+    return source, locs, layouts, teacher, student, world
 
 
 def prepare(args) -> dict | None:
@@ -131,16 +140,16 @@ def prepare(args) -> dict | None:
     beta = args.beta if args.beta is not None else defaults["beta"]
     world = None
     if syn:
-        source, locs, teacher, student, world = _synthetic_source(args, out)
+        source, locs, layouts, teacher, student, world = _synthetic_source(args, out)
     else:
         teacher = args.teacher_model or PAPER_DEFAULTS["teacher_model"]
         student = args.student_model or PAPER_DEFAULTS["student_model"]
-        locs = {}
-        source = load_source(args.data, skips, locs)
+        locs, layouts = {}, {}
+        source = load_source(args.data, skips, locs, layouts, args.data_config, args.train_split, args.test_split)
     tok_path = args.tokenizer or teacher
     tok = load_tokenizer(tok_path)  # for the length filter only
-    pool = list(zip(source["train"], locs["train"]))  # (pair, "file:line")
-    test = list(zip(source["test"], locs["test"]))
+    pool = list(zip(source["train"], locs["train"], layouts["train"]))  # (pair, "file:line", its row layout)
+    test = list(zip(source["test"], locs["test"], layouts["test"]))
     if not pool:
         raise wlt.WltError(f"{args.data}: no usable pairs in the training split")
     if not test:  # no test split in the source: carve one first, from the same seeded permutation
@@ -157,9 +166,10 @@ def prepare(args) -> dict | None:
         log(f"{name}: {len(parts[name])} pairs kept of {before}"
             + "".join(f"; {n} {r}" for r, n in part_skips.counts.items()))
     skips.report(args.data)
-    sft_t = dict(defaults["sft"])
-    sft_s = dict(defaults.get("sft_student", defaults["sft"]))
-    dpo = dict(defaults["dpo"], beta=beta)
+    # the length limit goes into every stage's settings: the trainers cut to it what label.py reads whole
+    sft_t = dict(defaults["sft"], max_len=args.max_len)
+    sft_s = dict(defaults.get("sft_student", defaults["sft"]), max_len=args.max_len)
+    dpo = dict(defaults["dpo"], beta=beta, max_len=args.max_len)
     config = {
         "source": args.data, "labeled_fraction": labeled_fraction, "seed": args.seed, "max_len": args.max_len,
         "tokenizer": tok_path, "teacher_model": teacher, "student_model": student, "beta": beta,
@@ -170,7 +180,8 @@ def prepare(args) -> dict | None:
         },
     }
     for name, items in parts.items():
-        write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), [p for p, _ in items])
+        # conversational rows keep the layout they were read in: each stage renders them with its own tokenizer
+        write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), [pair_to_row(p, layout) for p, _, layout in items])
     write_json(os.path.join(out, "config.json"), config)  # last: its presence marks a complete prepare
     log(f"wrote {data_dir}/{{labeled,unlabeled,test}}.jsonl and {out}/config.json")
     return config

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib import checkpoint, dist, memory, runs
+from lib import checkpoint, dist, memory, runs, tracking
 from lib.console import argument_parser, log, progress, rank, world_size
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.files import fingerprint, same_settings, write_json, write_text
@@ -33,7 +33,9 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
                         f"{runs.shown(runs.DEFAULT_RUN)}, launch.sh's offline world, prepared on first use); "
                         f"it gives model, data, out and the default settings")
     g.add_argument("--model", default=None, help="HF model name or folder to start from")
-    g.add_argument("--data", default=None, help="pair file (.jsonl: prompt, chosen, rejected)")
+    g.add_argument("--data", default=None,
+                   help="pair file (.jsonl/.json/.parquet: prompt, chosen, rejected as strings or conversations, "
+                        "docs/data.md)")
     g.add_argument("--out", default=None, help="output folder (HF checkpoint, metrics.jsonl, train_config.json)")
     t = ap.add_argument_group("optimisation")
     t.add_argument("--lr", type=float, default=None,
@@ -45,7 +47,9 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
                         % ("sequences" if kind == "sft" else "pairs"))
     t.add_argument("--micro-batch-size", type=int, default=None,
                    help="per-process micro-batch; gradients accumulate up to --batch-size (default: no accumulation)")
-    t.add_argument("--max-len", type=int, default=512, help="tokens per sequence; longer prompts lose tokens from the left")
+    t.add_argument("--max-len", type=int, default=512,
+                   help="tokens per sequence; longer prompts lose tokens from the left (default: the run's, the "
+                        "length prepare filtered at; else 512)")
     t.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps, then cosine to 0")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -66,9 +70,25 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
     o.add_argument("--save-every", type=int, default=100,
                    help="write a mid-run checkpoint (trainable weights, optimizer, scheduler, RNG, step) every N "
                         "steps (0: never)")
+    o.add_argument("--save-dtype", choices=["auto", *checkpoint.SAVE_DTYPES], default="auto",
+                   help="dtype of the final checkpoint's weights (auto: the dtype in the starting model's config, "
+                        "fp32 when it names none); training and mid-run checkpoints keep fp32 master weights")
+    o.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="the final checkpoint is split into files of at most this size (5GB, 500MB, ...) with an "
+                        "index file, as save_pretrained does; a single tensor larger than it gets a file of its own")
+    o.add_argument("--report-to", choices=tracking.REPORT_TO, default="none",
+                   help="also send the metrics, under TRL's names, to TensorBoard (OUT/tensorboard/) or Weights & "
+                        "Biases; needs that package installed (docs/training.md)")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
     o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     return ap
+
+
+def _shard_size(text: str) -> int:
+    try:
+        return checkpoint.shard_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Namespace, dict]:
@@ -182,10 +202,13 @@ def stop_if_not_finite(what: str, value: float, step: int) -> None:
 class MetricsLog:
     """metrics.jsonl in the output folder, written by rank 0 only, one JSON object per line."""
 
-    def __init__(self, out_dir: str, start_step: int = 0):
+    def __init__(self, out_dir: str, start_step: int = 0, report_to: str = "none", config: dict | None = None):
         """start_step > 0 (a resumed run): keep the rows of steps 1..start_step, drop later ones (written after
-        the checkpoint the run resumes from), so every step appears exactly once."""
-        self.f = None
+        the checkpoint the run resumes from), so every step appears exactly once. report_to: a tracker that
+        receives each row too (lib.tracking; the rows of a resumed run's later steps only)."""
+        self.f, self.tracker = None, None
+        if rank() == 0 and report_to != "none":
+            self.tracker = tracking.Tracker(report_to, out_dir, config or {})
         if rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "metrics.jsonl")
@@ -206,10 +229,14 @@ class MetricsLog:
         if self.f:
             self.f.write(json.dumps(row) + "\n")
             self.f.flush()
+        if self.tracker:
+            self.tracker.log(row)
 
     def close(self) -> None:
         if self.f:
             self.f.close()
+        if self.tracker:
+            self.tracker.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,8 +244,10 @@ class MetricsLog:
 
 
 def checkpoint_settings(args) -> dict:
-    """The settings a checkpoint must share with the run that resumes it (how often it is saved does not matter)."""
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every")}
+    """The settings a checkpoint must share with the run that resumes it (how often it is saved, and how the final
+    model is written, do not matter)."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "save_dtype", "max_shard_size",
+                                                              "report_to")}
 
 
 def begin(args) -> dict | None:
@@ -226,6 +255,7 @@ def begin(args) -> dict | None:
     settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
     (train_config.json) and adapter/, so a crash can never leave a folder that looks finished, and returns
     the inputs' fingerprints for finish()."""
+    tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
     dist.init_distributed()
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     marker = os.path.join(args.out, "train_config.json")
@@ -252,15 +282,21 @@ def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs:
     the resolved settings, data counts, per-rank memory and the inputs' fingerprints; its presence marks a
     complete output, and the mid-run checkpoint is removed."""
     stats["memory"] = memory.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
+    opt.state.clear()  # the AdamW moments are not needed any more: room for the gathered and cast weights
     sd = dist.full_state_dict(model)
     lora = getattr(model, "wlt_lora", None)
     if rank() == 0:
+        # the model as a user publishes it: in the dtype it came in (or --save-dtype), in shards
+        dtype = (checkpoint.SAVE_DTYPES[args.save_dtype] if args.save_dtype != "auto"
+                 else checkpoint.config_dtype(args.model, args.trust_remote_code))
+        stats["saved_dtype"] = str(dtype).removeprefix("torch.")
         if lora:
             merged, adapter = wlt.split_lora_state_dict(sd, lora)
-            checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep)
+            sd = None  # merged holds what the save needs; it drops each tensor once written
+            checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep, dtype, args.max_shard_size)
             checkpoint.save_adapter(args.out, adapter, lora, os.path.abspath(args.model))
         else:
-            checkpoint.save_hf_checkpoint(args.out, sd, model, tok, keep)
+            checkpoint.save_hf_checkpoint(args.out, sd, model, tok, keep, dtype, args.max_shard_size)
         log(f"saved {args.out}")
         write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
         checkpoint.remove_checkpoints(args.out)
@@ -300,7 +336,7 @@ class Loop:
         if path:
             checkpoint.load_checkpoint(path, model, self.opt, self.sched)
         self.micro = micro_batch_size(args)
-        self.metrics = MetricsLog(args.out, self.start)
+        self.metrics = MetricsLog(args.out, self.start, args.report_to, vars(args))
         self.bar = progress(len(plan), desc, "step", initial=self.start)
         self.t0, self.tokens = time.time(), 0
 

@@ -210,3 +210,64 @@ def make_rm(kind: str, d: str) -> str:
         cfg["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
         json.dump(cfg, open(cfg_path, "w"))
     return d
+
+
+# Chat templates written for the tests in the style of two real families (nothing is downloaded):
+#   chatml  SmolLM2/Qwen style: <|im_start|>role\ncontent<|im_end|>\n per turn, no BOS; EOS is <|im_end|>, so a
+#           rendered response already ends with it (then the template's newline)
+#   llama3  Llama-3 style: BOS in the text, <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|> per
+#           turn; EOS is <|end_of_text|> (the base model's), so the trainers append it after <|eot_id|>
+CHAT_STYLES = {
+    "chatml": {
+        "tokens": ["<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>", "bos": None,
+        "template": ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+                     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                     "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")},
+    "llama3": {
+        "tokens": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "eos": "<|end_of_text|>", "bos": "<|begin_of_text|>",
+        "template": ("{{ bos_token }}{% for m in messages %}"
+                     "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
+                     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+                     "{% endif %}")},
+}
+
+
+def make_chat_tokenizer(style: str):
+    """The test BPE tokenizer with a chat template of CHAT_STYLES and its special tokens."""
+    st = CHAT_STYLES[style]
+    tok = make_bpe_tokenizer()
+    tok.add_tokens(st["tokens"], special_tokens=True)
+    tok.eos_token = st["eos"]
+    from tokenizers import processors  # a text tokenized alone starts with the family's BOS, or none (SmolLM2)
+    if st["bos"]:
+        tok.bos_token = st["bos"]
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{st['bos']} $A", special_tokens=[(st["bos"], tok.bos_token_id)])
+    else:
+        tok.bos_token = None
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    tok.chat_template = st["template"]
+    return tok
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """factory(style) -> folder with a tiny randomly initialised Llama (512 positions) and a chat tokenizer."""
+    from transformers import AutoModelForCausalLM
+    cache = {}
+
+    def make(style: str) -> str:
+        if style not in cache:
+            d = str(tmp_path_factory.mktemp(f"chat-{style}"))
+            tok = make_chat_tokenizer(style)
+            cfg = tiny_config("llama", len(tok))
+            cfg.max_position_embeddings = 512
+            cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+            tok.save_pretrained(d)
+            cache[style] = d
+        return cache[style]
+    return make

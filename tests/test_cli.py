@@ -70,6 +70,10 @@ def test_progress_is_a_few_plain_lines_when_stderr_is_not_a_terminal(monkeypatch
     assert "\r" not in err.getvalue()
     assert 2 <= len(lines) <= 12, lines
     assert lines[-1].startswith("label: 5000/5000 pairs (100%)")
+    # each line between the first and the last says the time left at the rate so far; the last has none left
+    assert all(re.search(r"pairs/s, \d+(\.\d)? (s|min|h) left$", x) for x in lines[1:-1]) and len(lines) > 2
+    assert "left" not in lines[-1]
+    assert [console._duration(s) for s in (59, 600, 9000)] == ["59 s", "10 min", "2.5 h"]
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,32 @@ def test_scripts_start_without_the_datasets_package(monkeypatch):
     ran = []
     console.run_main(lambda: ran.append(True))
     assert ran == [True]
+
+
+def test_a_model_the_hub_will_not_give_is_one_line_naming_what_to_do(monkeypatch):
+    """A gated model without a login names HF_TOKEN and the login; a name not on the hub, and a model not cached
+    while offline, say so; each on one line."""
+    import types
+    import transformers
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    import wlt
+    from lib import models
+    reply = types.SimpleNamespace(headers={}, request=None)  # what the hub's errors read of an HTTP response
+
+    def refuse(cause):
+        def from_pretrained(path, **kw):
+            try:
+                raise cause
+            except Exception as e:  # as transformers wraps the hub's errors
+                raise OSError(f"{path} is a repository\nwith a long story") from e
+        return from_pretrained
+    for cause, words in ((GatedRepoError("403 gated", response=reply), ["a gated model", "HF_TOKEN", "hf auth login"]),
+                         (RepositoryNotFoundError("404", response=reply), ["no such local folder", "HF_TOKEN"])):
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse(cause))
+        with pytest.raises(wlt.WltError) as e:
+            models.load_tokenizer("meta-llama/Llama-3.2-1B")
+        assert str(e.value).startswith("meta-llama/Llama-3.2-1B: ") and "\n" not in str(e.value)
+        assert all(w in str(e.value) for w in words), str(e.value)
+    monkeypatch.undo()
+    with pytest.raises(wlt.WltError, match="not in the local hub cache, and the hub cannot be reached"):
+        models.load_tokenizer("nobody/not-cached-anywhere")  # the suite runs with HF_HUB_OFFLINE=1

@@ -166,3 +166,40 @@ def train_dpo_args(data):
     a = Args()
     a.data, a.strict, a.max_len, a.seed, a.eval_pairs = data, False, 512, 0, 2
     return a
+
+
+def test_report_to_sends_each_row_under_trl_names(tmp_path, tiny_model_dir, monkeypatch):
+    """--report-to tensorboard: every metrics.jsonl row reaches the writer under TRL's names at its step (a
+    stand-in SummaryWriter: the suite does not install tensorboard); a tracker whose package is missing stops
+    the run before it starts, in one line naming the package."""
+    import types
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("log_dir", log_dir))
+
+        def add_scalar(self, name, value, step):
+            calls.append((name, value, step))
+
+        def close(self):
+            calls.append(("closed",))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    out = str(tmp_path / "dpo")
+    run(monkeypatch, train_dpo, "--model", tiny_model_dir("llama"), "--data", data, "--out", out, "--batch-size", "4",
+        "--eval-pairs", "2", "--eval-every", "1", "--max-steps", "2", "--report-to", "tensorboard")
+    rows = metrics(out)
+    assert calls[0] == ("log_dir", os.path.join(out, "tensorboard")) and calls[-1] == ("closed",)
+    for r in rows:
+        for ours, trl in (("loss", "train/loss"), ("rewards/chosen", "train/rewards/chosen"),
+                          ("rewards/accuracies", "train/rewards/accuracies"), ("lr", "train/learning_rate"),
+                          ("grad_norm", "train/grad_norm"), ("eval/rewards/margins", "eval/rewards/margins")):
+            assert (trl, r[ours], r["step"]) in calls, (trl, r["step"])
+    assert len(rows) == 2 and not any(c[0] == "step" for c in calls)
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(wlt.WltError, match=r"--report-to wandb: the wandb package is not installed; `pip install wandb`"):
+        run(monkeypatch, train_dpo, "--model", tiny_model_dir("llama"), "--data", data, "--out", str(tmp_path / "w"),
+            "--report-to", "wandb")
+    assert not os.path.exists(tmp_path / "w")
