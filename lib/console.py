@@ -103,7 +103,7 @@ def check_ranges(ap: argparse.ArgumentParser, args: argparse.Namespace, **rules:
 
 
 RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
-          "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+          "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1,
           "in [0, 0.5)": lambda v: 0 <= v < 0.5}
 
 
