@@ -439,18 +439,8 @@ def main():
         log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
         log(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
         return
-    # ---- checks before anything is written: the output folder, the models' folders, the prompts (below)
+    # ---- checks before anything is written: the output folder, the prompts, the models' folders
     outputs.check_owner(args.out, "evaluate.py", args.overwrite, ours=is_evaluate_output)
-    for path in [*pols.values(), *([args.gold_rm] if args.gold_rm else [])]:
-        check_model_dir(path)
-    dist.init_distributed()
-    dev = dist.device()
-    for path in set(pols.values()):  # the baseline of the host-memory figures: code imported, no weights
-        if os.path.isfile(os.path.join(path, "config.json")):
-            import_model_code(path, args.trust_remote_code)
-    host_before = dist.host_rss_mib()
-
-    # ---- prompts
     rows = [r for _, r in iter_jsonl(args.prompts)]
     bad = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
     if bad:
@@ -461,6 +451,14 @@ def main():
     if not prompts:
         raise wlt.WltError(f"{args.prompts}: no prompts")
     log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
+    for path in [*pols.values(), *([args.gold_rm] if args.gold_rm else [])]:
+        check_model_dir(path)
+    dist.init_distributed()
+    dev = dist.device()
+    for path in set(pols.values()):  # the baseline of the host-memory figures: code imported, no weights
+        if os.path.isfile(os.path.join(path, "config.json")):
+            import_model_code(path, args.trust_remote_code)
+    host_before = dist.host_rss_mib()
 
     # ---- sample every policy (one model in memory at a time). Finished batches of samples and of scores are
     # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped. The previous results

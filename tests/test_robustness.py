@@ -51,6 +51,8 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     data = write_pairs(j("pairs.jsonl"))
     with open(j("bad-utf8.jsonl"), "wb") as f:
         f.write((json.dumps(PAIRS[1]) + "\n").encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with open(j("bad-json.jsonl"), "w") as f:
+        f.write(json.dumps(PAIRS[1]) + '\n{"prompt": "p", "chosen": "a"\n')
     os.makedirs(j("datadir"))
     os.makedirs(j("notes"))
     open(j("notes", "mine.txt"), "w").write("the user's own notes\n")
@@ -102,6 +104,12 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
          f"{j('nope')}: no such model folder"),
         ("train_sft.py", ["--model", model, "--data", j("datadir"), "--out", j("o")], 1,
          f"{j('datadir')}: a folder, not a file"),
+        ("train_sft.py", ["--model", model, "--data", j("bad-json.jsonl"), "--out", j("o")], 1,
+         f"{j('bad-json.jsonl')}:2: not valid JSON"),
+        ("train_dpo.py", [*S[:2], "--data", j("bad-json.jsonl"), "--out", j("o")], 1,
+         f"{j('bad-json.jsonl')}:2: not valid JSON"),
+        ("label.py", [*L, "--data", j("bad-json.jsonl"), "--out", j("o.jsonl")], 1,
+         f"{j('bad-json.jsonl')}:2: not valid JSON"),
         ("train_dpo.py", [*S[:2], "--data", j("bad-utf8.jsonl"), "--out", j("o")], 1,
          f"{j('bad-utf8.jsonl')}:2: not valid UTF-8"),
         ("train_sft.py", ["--model", damaged, "--data", data, "--out", j("o")], 1,
@@ -218,3 +226,28 @@ def test_held_signals_act_after_the_block():
         assert done and e.value.signum == signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_swap_in_replaces_only_the_final_output(tmp_path):
+    """outputs.swap_in: the previous final output's entries (its marker's `files`) that the new one lacks go
+    (a LoRA run's adapter/ after a full fine-tune), every new entry replaces the old one, and what is not part
+    of a final output (the run's bookkeeping, a file of the user's) stays; a staged output whose swap was cut
+    between two renames is completed by finish_swap."""
+    from lib import outputs
+    out, stage = str(tmp_path / "out"), str(tmp_path / "out.staging")
+
+    def put(folder, files):
+        for name, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            open(os.path.join(folder, name), "w").write(text)
+
+    put(out, {"model.safetensors": "old", "config.json": "old", "adapter/adapter_model.safetensors": "old",
+              "metrics.jsonl": "log", "notes.txt": "mine",
+              "train_config.json": json.dumps({"files": ["adapter", "config.json", "model.safetensors"]})})
+    put(stage, {"model.safetensors": "new", "config.json": "new", "train_config.json": json.dumps({"files": []})})
+    outputs.finish_swap(out, "train_config.json")  # a complete staged output, as a kill before its swap leaves it
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "model.safetensors", "notes.txt",
+                                       "train_config.json"]
+    assert [open(os.path.join(out, n)).read() for n in ("model.safetensors", "config.json", "notes.txt")] == \
+        ["new", "new", "mine"]
+    assert not os.path.exists(stage)
