@@ -72,8 +72,7 @@ def signals_held():
 def run_main(main) -> None:
     """Run a script's main(); a wlt.WltError becomes a one-line message and exit code 1, a stop signal
     (Ctrl-C, SIGTERM, SIGHUP) one line and exit code 128 + its number."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, _raise_interrupted)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
     try:
         if not sys.stderr.isatty():  # the libraries' own bars (loading weights) are a terminal's, not a log file's
             from transformers.utils import logging as hf_logging
@@ -90,6 +89,9 @@ def run_main(main) -> None:
             print(f"error: stopped by {signal.Signals(signum).name}; no output was left half-written: rerun the same "
                   f"command to continue (a trainer with --resume)", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
+    finally:  # as they were (a caller in the same process, e.g. a test, keeps its own)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     _leave_process_group()
 
 
