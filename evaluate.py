@@ -36,10 +36,10 @@ import time
 import torch
 
 import wlt
-from lib import dist, runs, synthetic
-from lib.console import argument_parser, log, one_line, rank, run_main
+from lib import dist, outputs, runs, synthetic
+from lib.console import argument_parser, check_ranges, log, one_line, rank, run_main
 from lib.data import Skips, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
-from lib.files import fingerprint, remove_dir, same_settings, write_json, write_jsonl, write_text
+from lib.files import dump_jsonl, dump_text, fingerprint, remove_dir, same_settings
 from lib.memory import HostMemory
 from lib.models import check_model_dir, load_model, load_tokenizer
 from lib.resumable import Partial, in_batches, run_batches
@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "The synthetic world's gold reward is exact and always covers every pair")
     o = ap.add_argument_group("other")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
-    o.add_argument("--overwrite", action="store_true", help="evaluate again even if complete results with the same settings exist")
-    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    o.add_argument("--overwrite", action="store_true",
+                   help="evaluate again even if complete results with the same settings exist, or write into a "
+                        "folder that is not evaluate.py's output")
+    o.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model folder/hub (only from the command line)")
     return ap
 
 
@@ -100,7 +103,17 @@ def parse_args() -> argparse.Namespace:
     for p in args.policy:
         if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
             ap.error(f"--policy {p!r}: expected NAME=PATH")
+    check_ranges(ap, args, num_prompts=">= 0", temperature=">= 0", max_new_tokens=">= 1", max_len=">= 1",
+                 batch_size=">= 1", rm_batch_size=">= 1", rm_max_len=">= 1", analysis_pairs=">= 0")
     return args
+
+
+OUTPUT_FILES = {"results.json", "results.md", "generations.jsonl", "results.partial"}
+
+
+def is_evaluate_output(folder: str) -> bool:
+    """Every entry of the folder is one evaluate.py writes (a temporary one left by a kill included)."""
+    return all(n in OUTPUT_FILES or n.split(".tmp.")[0] in OUTPUT_FILES for n in os.listdir(folder))
 
 
 def policies(args, cfg: dict) -> dict[str, str]:
@@ -426,6 +439,9 @@ def main():
         raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
     pols = policies(args, cfg)
     weak_path = os.path.join(args.run_dir, "data", "weak.jsonl") if args.run_dir else None
+    outputs.check_apart({"--out": args.out}, {**{f"--policy {n}": p for n, p in pols.items()},
+                                             "--prompts": args.prompts, "--gold-rm": args.gold_rm,
+                                             "the run's weak labels": weak_path})
     inputs = {"policies": {n: fingerprint(p) for n, p in pols.items()}, "prompts": fingerprint(args.prompts),
               "weak": fingerprint(weak_path), "gold_rm": fingerprint(args.gold_rm)}
     marker = os.path.join(args.out, "results.json")
@@ -434,22 +450,23 @@ def main():
         log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
         log(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
         return
-    dist.init_distributed()
-    dev = dist.device()
-    host = HostMemory(pols.values(), args.trust_remote_code)  # its baseline: code imported, no weights
-    if rank() == 0 and os.path.isfile(marker):
-        os.remove(marker)
-
-    # ---- prompts
+    # ---- checks before anything is written: the output folder, the prompts, the models' folders
+    outputs.check_owner(args.out, "evaluate.py", args.overwrite, ours=is_evaluate_output)
     prompts = read_prompts(args.prompts)
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     if not prompts:
         raise wlt.WltError(f"{args.prompts}: no prompts")
     log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
+    for path in [*pols.values(), *([args.gold_rm] if args.gold_rm else [])]:
+        check_model_dir(path)
+    dist.init_distributed()
+    dev = dist.device()
+    host = HostMemory(pols.values(), args.trust_remote_code)  # its baseline: code imported, no weights
 
     # ---- sample every policy (one model in memory at a time). Finished batches of samples and of scores are
-    # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped.
+    # kept in OUT.partial/ as they are made: a killed evaluation resumes where it stopped. The previous results
+    # stay whole until the new ones replace them at the end.
     if args.overwrite and rank() == 0:  # evaluate from scratch, not from an earlier run's batches
         remove_dir(os.path.join(args.out, "results.partial"))
     partial = Partial(os.path.join(args.out, "results"),
@@ -506,11 +523,11 @@ def main():
         res["label_quality"] = lq
     gens = [{"policy": n, "index": i, "prompt": p, "response": responses[n][i], "gold": gold[n][i]}
             for n in gold for i, p in enumerate(prompts)]
-    write_jsonl(os.path.join(args.out, "generations.jsonl"), gens)
     md = results_markdown(res)
-    write_text(os.path.join(args.out, "results.md"), md)
     res.update(args=vars(args), inputs=inputs)
-    write_json(marker, res)  # last: marks the evaluation complete
+    # written whole under temporary names, then renamed; results.json last: it marks the evaluation complete
+    outputs.replace_files([(os.path.join(args.out, "generations.jsonl"), lambda tmp: dump_jsonl(tmp, gens)),
+                           (os.path.join(args.out, "results.md"), lambda tmp: dump_text(tmp, md))], marker, res)
     log("\n" + md)
     dist.barrier()
     partial.remove()

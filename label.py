@@ -22,12 +22,12 @@ import time
 import torch
 
 import wlt
-from lib import checkpoint, dist, runs
-from lib.console import argument_parser, log, rank, run_main, world_size
+from lib import checkpoint, dist, outputs, runs
+from lib.console import argument_parser, check_ranges, log, rank, run_main, world_size
 from lib.data import Skips, pad_id, pair_key, pair_to_row, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
-from lib.files import fingerprint, read_json, remove_dir, same_settings, write_json, write_jsonl
+from lib.files import check_file, dump_jsonl, fingerprint, read_json, remove_dir, same_settings
 from lib.memory import HostMemory
-from lib.models import check_model_dir, load_model, load_tokenizer, share_prompt_setting
+from lib.models import check_model_dir, fit_max_len, load_model, load_tokenizer, share_prompt_setting
 from lib.resumable import Partial, in_batches, run_batches
 
 
@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per sequence; longer prompts lose tokens from the left (default: the run's, else 512)")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
-    o.add_argument("--overwrite", action="store_true", help="relabel even if a complete output with the same settings exists")
-    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    o.add_argument("--overwrite", action="store_true",
+                   help="relabel even if a complete output with the same settings exists, or replace a file that "
+                        "is not label.py's output")
+    o.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model folder/hub (only from the command line)")
     return ap
 
 
@@ -73,7 +76,23 @@ def parse_args() -> argparse.Namespace:
             ap.error(f"--{k} is required (or --teacher: the weak teacher of the run in --run-dir)")
     args.beta = 0.1 if args.beta is None else args.beta
     args.max_len = 512 if args.max_len is None else args.max_len
+    check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1")
+    outputs.check_apart({"--out": args.out, "--out's summary": runs.summary_path(args.out),
+                         "--out's partial results": args.out + ".partial"},
+                        {"--data": args.data, "--model": args.model, "--ref": args.ref})
     return args
+
+
+def check_out(args) -> None:
+    """--out may be replaced when it is absent, label.py's output (its summary, or a partial run, beside it), or
+    --overwrite was given; a folder never."""
+    if os.path.isdir(args.out):
+        raise wlt.WltError(f"--out {args.out} is a folder; label.py writes a .jsonl file: name one")
+    ours = os.path.isfile(runs.summary_path(args.out)) or os.path.isfile(os.path.join(args.out + ".partial", "meta.json"))
+    if os.path.exists(args.out) and not ours and not args.overwrite:
+        raise wlt.WltError(f"--out {args.out}: a file that is not label.py's output (no "
+                           f"{os.path.basename(runs.summary_path(args.out))} beside it); choose another --out, or "
+                           f"pass --overwrite to replace it")
 
 
 def resolve_teacher(args) -> None:
@@ -157,24 +176,28 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
 
 def main():
     args = parse_args()
+    # ---- checks first, reading only: the models' positions, the output, then models and data (below)
+    check_file(args.data)
+    check_model_dir(args.ref)
+    for flag in ("--ref", "--model"):
+        path = getattr(args, flag[2:])
+        if os.path.isfile(os.path.join(path, "config.json")):  # an adapter-only folder has no config of its own
+            fit_max_len(args, path, flag)
     inputs = {k: fingerprint(getattr(args, k)) for k in ("model", "ref", "data")}
     marker = runs.summary_path(args.out)
     if not args.overwrite and os.path.isfile(args.out) and same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
         log(f"{args.out}: already labeled with the same settings and inputs; nothing to do (--overwrite relabels)")
         return
+    check_out(args)
     dist.init_distributed()
     dev = dist.device()
-    if rank() == 0:  # from here on there is no output until the new one is complete
-        for f in (marker, args.out):
-            if os.path.isfile(f):
-                os.remove(f)
 
-    # ---- setup: the teacher; the data, read and tokenized by every process (cheap next to the forwards)
+    # ---- setup: the data, read and tokenized by every process (cheap next to the forwards); the teacher
+    skips, locs, layouts = Skips(strict=args.strict), [], []
+    pairs = read_pairs(args.data, skips, locs, layouts)
     host = HostMemory([args.ref, args.model], args.trust_remote_code)  # its baseline: code imported, no weights
     pol, ref, tok, how = load_teacher(args, dev)
     log(f"teacher: {how}; beta {args.beta}; {world_size()} process(es) on {dev}")
-    skips, locs, layouts = Skips(strict=args.strict), [], []
-    pairs = read_pairs(args.data, skips, locs, layouts)
     n_rows = len(pairs) + skips.total()
     exs, fallbacks = tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")
     todo = usable_pairs(exs, locs, args.max_len, skips)  # indices into pairs of the rows that can be labeled
@@ -188,7 +211,8 @@ def main():
     share = share_prompt_setting(args.share_prompt, pol)
 
     # ---- the log-probs, batch by batch; finished batches are kept in OUT.partial/ as they are made, so a
-    # killed run resumes where it stopped
+    # killed run resumes where it stopped. From here on, files are written: the previous output and its summary
+    # stay whole until the new ones replace them at the end
     if args.overwrite and rank() == 0:  # relabel from scratch, not from an earlier run's batches
         remove_dir(args.out + ".partial")
     partial = Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
@@ -217,10 +241,11 @@ def main():
             f"hash of the two texts, not by the input order")
     rows = [relabeled_row(pairs[i], bool(teacher_agrees[k]), float(reward_of_chosen[k]), float(reward_of_rejected[k]))
             for k, i in enumerate(todo)]
-    write_jsonl(args.out, [pair_to_row(r, layouts[i]) for r, i in zip(rows, todo)])  # as each row was read
+    written = [pair_to_row(r, layouts[i]) for r, i in zip(rows, todo)]  # as each row was read
     summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how, host_figures)
     summary.update(args=vars(args), inputs=inputs)
-    write_json(marker, summary)  # last: marks the output complete
+    # the output written whole under a temporary name, then renamed; the summary last: it marks it complete
+    outputs.replace_files([(args.out, lambda tmp: dump_jsonl(tmp, written))], marker, summary)
     dist.barrier()
     partial.remove()
     log(f"wrote {args.out}: {len(rows)} pairs, agreement with the input order {summary['agreement_with_input']:.3f}, "

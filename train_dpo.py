@@ -20,7 +20,7 @@ import torch
 
 import wlt
 from lib import checkpoint, dist, trainer
-from lib.console import progress, run_main, world_size
+from lib.console import check_ranges, progress, run_main, world_size
 from lib.data import pad_id
 from lib.models import share_prompt_setting
 from lib.prepare import DPO_LR
@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     if args.lr is None:  # LoRA and full fine-tuning need very different rates
         kind = "lora" if args.lora_rank > 0 else "full"
         args.lr = run_cfg.get(f"lr_{kind}", DPO_LR[kind])
+    check_ranges(ap, args, beta="> 0", label_smoothing="in [0, 0.5)", lora_rank=">= 0", lora_alpha="> 0",
+                 lora_dropout="in [0, 1)")
     if args.label_smoothing and args.loss_type != "sigmoid":
         ap.error("--label-smoothing applies to --loss-type sigmoid only")
     if args.share_prompt == "on" and args.activation_checkpointing:
@@ -188,14 +190,14 @@ def held_out_metrics(model, evals: list[dict], ref_eval: torch.Tensor, micro: in
 
 def main():
     args = parse_args()
-    inputs = trainer.begin(args)
-    if inputs is None:  # --resume: finished already
+    begun = trainer.begin(args, "dpo")  # every check and the data first; only then is --out touched
+    if begun is None:  # finished already
         return
+    inputs, train, evals, stats = begun
 
-    # ---- setup: policy (LoRA on the starting model, sharded under torchrun), data, reference, optimizer
+    # ---- setup: policy (LoRA on the starting model, sharded under torchrun), reference, optimizer
     targets = args.lora_targets.split(",") if args.lora_targets else None
     model, tok, dev, unique_keys = dist.setup_model(args, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
-    train, evals, stats = trainer.load_examples(args, tok, "dpo")
     model.eval()  # no model dropout in DPO: policy and reference log-probs must be deterministic
     fwd = Forward(pad_id(tok), share_prompt_setting(args.share_prompt, model, args.activation_checkpointing), dev,
                   args.dtype)

@@ -53,13 +53,13 @@ def held_out_loss(model, evals: list[dict], micro: int, pad: int, dev: torch.dev
 
 def main():
     args = parse_args()
-    inputs = trainer.begin(args)
-    if inputs is None:  # --resume: finished already
+    begun = trainer.begin(args, "sft")  # every check and the data first; only then is --out touched
+    if begun is None:  # finished already
         return
+    inputs, train, evals, stats = begun
 
-    # ---- setup: the same weights on every process (sharded under torchrun), the data, optimizer and plan
+    # ---- setup: the same weights on every process (sharded under torchrun), optimizer and plan
     model, tok, dev, unique_keys = dist.setup_model(args)
-    train, evals, stats = trainer.load_examples(args, tok, "sft")
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     tokens = [len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train]  # through the model per item, for tokens/s
     loop = trainer.Loop(args, model, plan, inputs, "sft", len(evals), tokens)

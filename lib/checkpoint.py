@@ -256,6 +256,8 @@ def _dcp_call(fn, what: str, path: str, **kw) -> None:
         failures = getattr(e, "failures", None)  # {rank: (exception, traceback)}
         if failures:
             r, (exc, _) = min(failures.items())
+            if not isinstance(exc, Exception):  # a stop signal (lib.console.Interrupted) inside DCP: pass it on
+                raise exc from None
             msg = f"rank {r}: {one_line(exc)}"
         else:
             msg = one_line(e)

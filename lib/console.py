@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -30,22 +32,84 @@ def one_line(e: Exception, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-def run_main(main) -> None:
-    """Run a script's main(); a wlt.WltError becomes a one-line message and exit code 1."""
-    if not sys.stderr.isatty():  # the libraries' own bars (loading weights) are a terminal's, not a log file's
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        try:  # only the hub and parquet sources use datasets: a machine without it runs everything else
-            import datasets
-            datasets.disable_progress_bars()
-        except ImportError:
-            pass
+# ----------------------------------------------------------------------------------------------------------
+# signals: Ctrl-C (SIGINT), and SIGTERM / SIGHUP (a scheduler's stop, a closed terminal), end a script with one
+# line. Each becomes an exception in the main thread, so every `finally` runs and every temporary file is
+# removed on the way out; what a killed run finished stays for the rerun (--resume, OUT.partial/).
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """A stop signal, raised in the main thread where the script was (a BaseException, like KeyboardInterrupt,
+    so that `except Exception` does not swallow it). The hook for work to do on a signal, such as a checkpoint
+    before a cluster's SIGTERM deadline: catch it around the loop, save, and raise it again."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold the stop signals until the block ends, then act on the first one that came: for the few renames
+    that swap a finished output in, which must not be cut between two of them."""
+    came = []
+    old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in STOP_SIGNALS}
     try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if came:
+        raise Interrupted(came[0])
+
+
+def run_main(main) -> None:
+    """Run a script's main(); a wlt.WltError becomes a one-line message and exit code 1, a stop signal
+    (Ctrl-C, SIGTERM, SIGHUP) one line and exit code 128 + its number."""
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
+    try:
+        if not sys.stderr.isatty():  # the libraries' own bars (loading weights) are a terminal's, not a log file's
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+            try:  # only the hub and parquet sources use datasets: a machine without it runs everything else
+                import datasets
+                datasets.disable_progress_bars()
+            except ImportError:
+                pass
         main()
     except wlt.WltError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if rank() == 0:
+            print(f"error: stopped by {signal.Signals(signum).name}; no output was left half-written: rerun the same "
+                  f"command to continue (a trainer with --resume)", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:  # as they were (a caller in the same process, e.g. a test, keeps its own)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     _leave_process_group()
+
+
+def check_ranges(ap: argparse.ArgumentParser, args: argparse.Namespace, **rules: str) -> None:
+    """An argparse error naming the first flag out of its range. rules: flag (as its dest) -> one of RANGES;
+    an unset flag (None) is not checked."""
+    for name, rule in rules.items():
+        value = getattr(args, name, None)
+        if value is not None and not RANGES[rule](value):  # NaN fails every comparison
+            ap.error(f"argument --{name.replace('_', '-')}: must be {rule}, got {value}")
+
+
+RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+          "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1,
+          "in [0, 0.5)": lambda v: 0 <= v < 0.5}
 
 
 def _leave_process_group() -> None:

@@ -22,23 +22,27 @@ def atomic_write(path: str, write_fn) -> None:
             os.remove(tmp)
 
 
+def dump_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_text(path: str, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, w)
+    atomic_write(path, lambda tmp: dump_text(tmp, text))
 
 
 def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def dump_jsonl(path: str, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 def write_jsonl(path: str, rows) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    atomic_write(path, w)
+    atomic_write(path, lambda tmp: dump_jsonl(tmp, rows))
 
 
 def read_json(path: str):
@@ -50,21 +54,42 @@ def open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def iter_jsonl(path: str):
-    """Yield (line_number, row) for each non-blank line; a malformed line is an error naming file:line."""
+def _lines(path: str):
+    """(line number, text) of a file, decoded line by line: an invalid byte is an error naming file:line, a
+    damaged .gz file an error naming the file."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    yield i, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise wlt.WltError(f"{path}:{i}: not valid UTF-8 (byte {e.start + 1} of the line); save the "
+                                       f"file as UTF-8") from None
+    except (OSError, EOFError) as e:  # gzip's BadGzipFile is an OSError; a cut .gz ends in EOFError
+        raise wlt.WltError(f"{path}: cannot be read ({' '.join(str(e).split()) or type(e).__name__})") from None
+
+
+def check_file(path: str) -> None:
+    """A one-line error unless `path` is a file: a folder given for a file, or a missing file."""
+    if os.path.isdir(path):
+        raise wlt.WltError(f"{path}: a folder, not a file; give a .jsonl file")
     if not os.path.isfile(path):
         raise wlt.WltError(f"{path}: no such file")
-    with open_text(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise wlt.WltError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise wlt.WltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            yield i, row
+
+
+def iter_jsonl(path: str):
+    """Yield (line_number, row) for each non-blank line; a malformed line is an error naming file:line."""
+    check_file(path)
+    for i, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise wlt.WltError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise wlt.WltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
 
 
 def remove_dir(path: str) -> None:

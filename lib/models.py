@@ -19,6 +19,21 @@ def check_model_dir(path: str) -> None:
             raise wlt.WltError(f"{path}: not a model folder (no config.json)")
         if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
             raise wlt.WltError(f"{path}: model folder without weights (no *.safetensors)")
+        check_weights(path, names)
+
+
+def check_weights(path: str, names: list[str]) -> None:
+    """Read the header of each safetensors file of a model folder (a few KB): a cut or damaged file is a
+    one-line error before anything is loaded or written."""
+    from safetensors import SafetensorError, safe_open
+    for n in sorted(names):
+        if n.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, n), "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise wlt.WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save "
+                                   f"the model again") from None
 
 
 def load_error(what: str, path: str, e: Exception) -> wlt.WltError:
@@ -59,9 +74,10 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     kw = {}
     if device is not None and device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
         kw["device_map"] = str(device)
+    from safetensors import SafetensorError
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         raise load_error("model", path, e) from None
     return model.to(device) if device is not None else model
 
@@ -100,3 +116,27 @@ def share_prompt_setting(flag: str, model, activation_checkpointing: bool = Fals
         raise wlt.WltError(f"--share-prompt on: prompt sharing is not supported for model type {kind!r} (supported: "
                            f"{', '.join(sorted(wlt.SHARE_PROMPT))}); use --share-prompt off or auto")
     return {"auto": wlt.can_share_prompt(model), "on": True, "off": False}[flag]
+
+
+def positions(path: str, trust_remote_code: bool = False) -> int | None:
+    """The length of a model's position table from its config (None when the config does not say)."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise wlt.WltError(f"cannot read the config of model {path!r}: {one_line(e)}") from None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def fit_max_len(args, path: str, flag: str) -> None:
+    """Cap args.max_len to the positions of model `path` (flag: how the user named it), with a message: a longer
+    sequence would index past the model's position table."""
+    n = positions(path, getattr(args, "trust_remote_code", False))
+    if n is not None and args.max_len > n:
+        from lib.console import log
+        log(f"--max-len {args.max_len} is more than the {n} positions of {flag} {path}; using --max-len {n}")
+        args.max_len = n

@@ -8,17 +8,17 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
 import torch.nn as nn
 
 import wlt
-from lib import checkpoint, dist, memory, runs, tracking
-from lib.console import argument_parser, log, progress, rank, world_size
+from lib import checkpoint, dist, memory, outputs, runs, tracking
+from lib.console import argument_parser, check_ranges, log, progress, rank, world_size
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
-from lib.files import fingerprint, same_settings, write_json, write_text
+from lib.files import check_file, fingerprint, remove_dir, same_settings, write_json, write_text
+from lib.models import check_model_dir, fit_max_len, load_tokenizer
 
 
 def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
@@ -79,8 +79,13 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
     o.add_argument("--report-to", choices=tracking.REPORT_TO, default="none",
                    help="also send the metrics, under TRL's names, to TensorBoard (OUT/tensorboard/) or Weights & "
                         "Biases; needs that package installed (docs/training.md)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="train again even when --out holds a finished run, or write into a folder that is not a "
+                        "trainer's output (the previous output stays until the new one is complete)")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
-    o.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    o.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model folder/hub (only from the command line, never from a run's "
+                        "config.json)")
     return ap
 
 
@@ -89,6 +94,12 @@ def _shard_size(text: str) -> int:
         return checkpoint.shard_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# the range of each numeric flag both trainers take (checked once they are parsed; train_dpo.py adds its own)
+RANGES = {"lr": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "micro_batch_size": ">= 1", "max_len": ">= 1",
+          "warmup_ratio": "in [0, 1]", "weight_decay": ">= 0", "max_grad_norm": ">= 0", "max_steps": ">= 0",
+          "eval_pairs": ">= 0", "eval_every": ">= 1", "save_every": ">= 0"}
 
 
 def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Namespace, dict]:
@@ -103,6 +114,9 @@ def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Names
         role = "teacher" if args.teacher else "student"
         given = {k: getattr(args, k) for k in ("model", "data", "out")}
         d = runs.run_defaults(run, script, role)
+        if "trust_remote_code" in d:  # loading a model's code is the user's decision, on the command line
+            raise wlt.WltError(f"{os.path.join(run, 'config.json')}: sets trust_remote_code (train.{script}.{role}); "
+                               f"remove it: only --trust-remote-code on the command line allows a model's own code")
         d.update(runs.trainer_paths(run, script, role, getattr(args, "labels", None), given), run_dir=run)
         ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
         extra = {k: v for k, v in d.items() if k not in vars(args)}
@@ -112,6 +126,9 @@ def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Names
     for k in ("model", "data", "out"):
         if getattr(args, k) is None:
             ap.error(f"--{k} is required (or --teacher / --student: a stage of the run in --run-dir)")
+    check_ranges(ap, args, **RANGES)
+    outs = {"--out": args.out, "--out's staging folder": outputs.staging(args.out)}
+    outputs.check_apart(outs, {f"--{k}": getattr(args, k, None) for k in ("model", "data", "ref")})
     return args, extra
 
 
@@ -247,58 +264,89 @@ def checkpoint_settings(args) -> dict:
     """The settings a checkpoint must share with the run that resumes it (how often it is saved, and how the final
     model is written, do not matter)."""
     return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "save_dtype", "max_shard_size",
-                                                              "report_to")}
+                                                              "report_to", "overwrite")}
 
 
-def begin(args) -> dict | None:
-    """Start of a training run. Returns None when --resume finds a finished run in --out with the same
-    settings and unchanged inputs (nothing to do). Otherwise removes the previous run's completion marker
-    (train_config.json) and adapter/, so a crash can never leave a folder that looks finished, and returns
-    the inputs' fingerprints for finish()."""
+def begin(args, kind: str) -> tuple[dict, list[dict], list[dict], dict] | None:
+    """Start of a training run: every check first, then --out. Reads only: --out's owner, the model's config
+    (--max-len capped to its positions) and tokenizer, whether --out holds a finished run, and the data (read,
+    tokenized, the held-out slice carved). Returns None when there is nothing to do: a finished run with the same
+    settings and unchanged inputs. Only then is --out touched: marked as this trainer's (written_by.json), and,
+    unless --resume, cleared of an old mid-run checkpoint. A finished output stays whole and marked until
+    save_final swaps the new one in. Returns (inputs' fingerprints, train, eval, data stats)."""
+    script = f"train_{kind}.py"
     tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
     dist.init_distributed()
-    inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     marker = os.path.join(args.out, "train_config.json")
-    if args.resume and os.path.isfile(marker):
-        if same_settings(marker, vars(args), inputs, ignore=("resume", "save_every")):
-            log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--resume)")
-            if rank() == 0:  # a kill inside finish() can leave the last checkpoint behind
+    if rank() == 0:  # a kill between the renames of the last swap: complete it (it loses nothing)
+        outputs.finish_swap(args.out, "train_config.json")
+    dist.barrier()
+    outputs.check_owner(args.out, script, args.overwrite)
+    check_file(args.data)
+    for key in ("model", "ref"):
+        path = getattr(args, key, None)
+        if path and not (key == "ref" and getattr(args, "reference_free", False)):
+            check_model_dir(path)
+            fit_max_len(args, path, f"--{key}")
+    inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
+    if os.path.isfile(marker):
+        same = same_settings(marker, vars(args), inputs, ignore=("resume", "save_every", "overwrite", "report_to"))
+        if same and not args.overwrite:
+            log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--overwrite "
+                f"trains again)")
+            if args.resume and rank() == 0:  # a kill inside save_final can leave the last checkpoint behind
                 checkpoint.remove_checkpoints(args.out)
             return None
-        log(f"{args.out}: settings or inputs changed since the finished run there; training again")
-    if rank() == 0:
-        if os.path.isfile(marker):
-            os.remove(marker)
-        shutil.rmtree(os.path.join(args.out, "adapter"), ignore_errors=True)
+        if not (args.resume or args.overwrite):
+            raise wlt.WltError(f"{args.out}: holds a finished run of other settings or inputs; nothing done. Pass "
+                               f"--overwrite to train again (the finished run stays until the new one is complete), "
+                               f"or choose another --out")
+        log(f"{args.out}: " + ("training again (--overwrite)" if same else
+                               "settings or inputs changed since the finished run there; training again")
+            + "; the finished run stays there until the new one is complete")
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    train, evals, stats = load_examples(args, tok, kind)
+    if rank() == 0:  # every check passed: from here on --out is written
+        outputs.claim(args.out, script)
         if not args.resume:  # a fresh start: an old mid-run checkpoint must not be picked up later
             checkpoint.remove_checkpoints(args.out)
     dist.barrier()
-    return inputs
+    return inputs, train, evals, stats
 
 
 def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs: dict) -> None:
     """The end of a training run: the full state dict gathered to rank 0 (a collective under FSDP2), written as
     an HF checkpoint; with LoRA, the merged model plus adapter/ in PEFT's layout. Then train_config.json, last:
-    the resolved settings, data counts, per-rank memory and the inputs' fingerprints; its presence marks a
-    complete output, and the mid-run checkpoint is removed."""
+    the script, the resolved settings (trust_remote_code among them), data counts, per-rank memory, the inputs'
+    fingerprints and the files of the output; its presence marks a complete output. All of it is written into
+    OUT.staging/ beside --out and swapped in whole (outputs.swap_in); then the mid-run checkpoint is removed. The
+    model is written as a user publishes it: in the dtype it came in (or --save-dtype), in shards."""
     stats["memory"] = memory.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
     opt.state.clear()  # the AdamW moments are not needed any more: room for the gathered and cast weights
     sd = dist.full_state_dict(model)
     lora = getattr(model, "wlt_lora", None)
     if rank() == 0:
-        # the model as a user publishes it: in the dtype it came in (or --save-dtype), in shards
         dtype = (checkpoint.SAVE_DTYPES[args.save_dtype] if args.save_dtype != "auto"
                  else checkpoint.config_dtype(args.model, args.trust_remote_code))
         stats["saved_dtype"] = str(dtype).removeprefix("torch.")
-        if lora:
-            merged, adapter = wlt.split_lora_state_dict(sd, lora)
-            sd = None  # merged holds what the save needs; it drops each tensor once written
-            checkpoint.save_hf_checkpoint(args.out, merged, model, tok, keep, dtype, args.max_shard_size)
-            checkpoint.save_adapter(args.out, adapter, lora, os.path.abspath(args.model))
-        else:
-            checkpoint.save_hf_checkpoint(args.out, sd, model, tok, keep, dtype, args.max_shard_size)
+        stage = outputs.staging(args.out)
+        remove_dir(stage)
+        try:
+            if lora:
+                merged, adapter = wlt.split_lora_state_dict(sd, lora)
+                sd = None  # merged holds what the save needs; it drops each tensor once written
+                checkpoint.save_hf_checkpoint(stage, merged, model, tok, keep, dtype, args.max_shard_size)
+                checkpoint.save_adapter(stage, adapter, lora, os.path.abspath(args.model))
+            else:
+                checkpoint.save_hf_checkpoint(stage, sd, model, tok, keep, dtype, args.max_shard_size)
+            write_json(os.path.join(stage, "train_config.json"),
+                       {"script": f"train_{'dpo' if hasattr(args, 'beta') else 'sft'}.py", "args": vars(args),
+                        "data": stats, "inputs": inputs, "files": sorted(os.listdir(stage))})
+        except BaseException:  # a failure or a signal while writing: no half-written staging folder stays
+            remove_dir(stage)
+            raise
+        outputs.swap_in(args.out, "train_config.json")
         log(f"saved {args.out}")
-        write_json(os.path.join(args.out, "train_config.json"), {"args": vars(args), "data": stats, "inputs": inputs})
         checkpoint.remove_checkpoints(args.out)
     dist.barrier()
 

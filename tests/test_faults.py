@@ -205,16 +205,11 @@ def test_evaluate_killed_then_resumed(synthetic_run, tmp_path):
     assert open(os.path.join(full, "results.md")).read() == open(os.path.join(cut, "results.md")).read()
 
 
-def test_malformed_lines_are_one_line_errors(synthetic_run, tmp_path):
-    data = str(tmp_path / "bad.jsonl")
-    with open(data, "w") as f:
-        f.write('{"prompt": "sort: 1 2 =>", "chosen": " 1 2", "rejected": " 2 1"}\n{"prompt": "p", "chosen": "a"\n')
-    m = os.path.join(synthetic_run, "models", "teacher-base")
-    for script, extra in ((SFT, []), (DPO, []), (LABEL, ["--ref", m])):
-        p = run_script(script, "--model", m, "--data", data, "--out", str(tmp_path / "o"), *extra, check=False)
-        assert p.returncode == 1 and f"{data}:2: not valid JSON" in p.stderr and "Traceback" not in p.stderr, script
+def test_malformed_lines_are_one_line_errors(tmp_path):
+    """Through the scripts as typed: test_robustness.py (a malformed line, invalid UTF-8, for each script)."""
     import wlt
     from lib.data import read_pairs
+    data = str(tmp_path / "bad.jsonl")
     with open(data, "w") as f:
         f.write('["a list"]\n')
     with pytest.raises(wlt.WltError, match=f"{data}:1: expected a JSON object"):

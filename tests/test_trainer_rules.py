@@ -51,14 +51,21 @@ def test_resume_checks_inputs_and_restarts_cleanly(tmp_path, tiny_model_dir, mon
     cfg = json.load(open(os.path.join(out, "train_config.json")))
     assert cfg["data"]["pairs"] == 14
 
-    # a crash after the start must not leave a folder that looks finished (nor the old adapter)
+    # other settings without --resume: refused, nothing done, until --overwrite
+    with pytest.raises(wlt.WltError, match="holds a finished run of other settings or inputs; nothing done"):
+        run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0")
+
+    # a crash after the start leaves the finished run whole and marked finished (the new one would have been
+    # swapped in only once complete), and no staging folder
     def crash(*a, **k):
         raise RuntimeError("killed")
     monkeypatch.setattr(dist, "setup_model", crash)
     with pytest.raises(RuntimeError):
-        run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0")
-    assert not os.path.exists(os.path.join(out, "train_config.json"))
-    assert not os.path.exists(os.path.join(out, "adapter"))
+        run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0", "--overwrite")
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert cfg["data"]["pairs"] == 14 and cfg["args"]["lora_rank"] == 8 and cfg["script"] == "train_dpo.py"
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert not os.path.exists(out + ".staging")
 
 
 def test_full_dpo_learning_rate_and_logged_lr(tmp_path, tiny_model_dir, monkeypatch):
@@ -87,7 +94,7 @@ def test_run_mode_full_dpo_uses_the_runs_full_rate(tmp_path, monkeypatch):
     open(os.path.join(run_dir, "teacher", "sft", "train_config.json"), "w").write("{}")
     seen = {}
 
-    def stop(args):
+    def stop(args, kind):
         seen["args"] = args
         return None  # as if finished: main returns before any model is loaded
     monkeypatch.setattr(trainer, "begin", stop)
@@ -152,10 +159,10 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, mon
             for ep in range(2):
                 assert cache["train"][ep, i, k].item() == pytest.approx(want, rel=1e-5, abs=1e-4)
 
-    run(monkeypatch, train_dpo, *argv, "--lr", "1e-3", "--beta", "0.5")  # optimisation changed: reused
+    run(monkeypatch, train_dpo, *argv, "--lr", "1e-3", "--beta", "0.5", "--overwrite")  # optimisation changed: reused
     assert "reference log-probs reused" in capsys.readouterr().out
     write_pairs(tmp_path / "pairs.jsonl", PAIRS[:10])  # the data changed: computed again
-    run(monkeypatch, train_dpo, *argv)
+    run(monkeypatch, train_dpo, *argv, "--overwrite")
     assert "computing the reference again" in capsys.readouterr().out
     assert load_file(os.path.join(out, "ref_logps.safetensors"))["train"].shape == (2, 9, 2)
 

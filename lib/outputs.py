@@ -1,0 +1,159 @@
+"""What a script may do to its output path, so that no run costs the user a file:
+
+    check_apart        an output that resolves to an input (or lies inside one, or holds one) is refused
+    check_owner        a folder is written into only when it is absent, empty or an output of the same script
+    swap_in            a trainer's final model, written whole into OUT.staging/ beside OUT, moved into OUT
+    replace_files      label.py's and evaluate.py's results, written whole under temporary names, renamed
+
+Every check here reads only; a script calls them all before it creates, moves or deletes anything.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import wlt
+from lib.console import signals_held
+from lib.files import read_json, remove_dir, write_json
+
+WRITTEN_BY = "written_by.json"  # {"script": "train_dpo.py"}: the trainer that owns the folder
+
+
+def _inside(a: str, b: str) -> bool:
+    """a is b, or lies below it (both resolved)."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def check_apart(outputs: dict[str, str], inputs: dict[str, str | None]) -> None:
+    """One line, before anything is read, when an output path resolves (symlinks and relative paths included)
+    to an input, lies inside an input folder, or holds an input. outputs / inputs: what the user calls them
+    (e.g. "--out") -> path; inputs that do not exist locally (hub names) are passed over."""
+    for oname, out in outputs.items():
+        o = os.path.realpath(out)
+        for iname, path in inputs.items():
+            if not path or not os.path.exists(path):
+                continue
+            i = os.path.realpath(path)
+            if o == i:
+                how = f"is {iname} itself"
+            elif _inside(o, i):
+                how = f"lies inside {iname} {path}"
+            elif _inside(i, o):
+                how = f"holds {iname} {path}"
+            else:
+                continue
+            raise wlt.WltError(f"{oname} {out} {how}; writing there would change an input: choose another {oname}")
+
+
+def trainer_folder_owner(out: str) -> str | None:
+    """The trainer that owns folder `out` (its written_by.json, or the marker of a finished run), or None."""
+    for name in (WRITTEN_BY, "train_config.json"):
+        try:
+            d = read_json(os.path.join(out, name))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and d.get("script"):
+            return d["script"]
+        if name == "train_config.json" and isinstance(d, dict) and isinstance(d.get("args"), dict):
+            return "train_dpo.py" if "beta" in d["args"] else "train_sft.py"  # written before "script" was
+    return None
+
+
+def check_owner(out: str, script: str, overwrite: bool, ours=None) -> None:
+    """Refuse, naming the folder, to write into `out` unless it is absent, empty, an output of `script`, or
+    --overwrite was given. ours(out) -> bool decides the last (default: a trainer's written_by.json)."""
+    if not os.path.exists(out) or overwrite:
+        return
+    if not os.path.isdir(out):
+        raise wlt.WltError(f"--out {out} is a file, not a folder: choose another --out")
+    if not os.listdir(out):
+        return
+    owned = ours(out) if ours else trainer_folder_owner(out) == script
+    if not owned:
+        raise wlt.WltError(f"--out {out}: a folder that is not empty and not an output of {script}; choose a new or "
+                           f"empty folder, or pass --overwrite to write {script}'s files into it")
+
+
+def claim(out: str, script: str) -> None:
+    """Mark `out` as this script's (once: the file never changes afterwards, so it does not change the folder's
+    fingerprint), and remove what an interrupted save left beside it."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, WRITTEN_BY)
+    if not os.path.isfile(path):
+        write_json(path, {"script": script})
+    stage = staging(out)
+    if os.path.isdir(stage) and not os.path.isfile(os.path.join(stage, "train_config.json")):
+        remove_dir(stage)
+
+
+def staging(out: str) -> str:
+    return out.rstrip(os.sep) + ".staging"
+
+
+def _previous_final(out: str, marker: str) -> set[str]:
+    """The entries of the finished output in `out` (as its marker lists them; before markers listed them, the
+    weights and the adapter)."""
+    try:
+        files = read_json(os.path.join(out, marker)).get("files")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        files = None
+    if isinstance(files, list):
+        return set(files)
+    return {os.path.basename(p) for p in glob.glob(os.path.join(out, "model*.safetensors*"))} | {"adapter"}
+
+
+def swap_in(out: str, marker: str) -> None:
+    """Move the complete output in OUT.staging/ (its marker written last) into OUT, signals held: the previous
+    output's marker goes first (from here on the folder is not finished), then its entries that the new one
+    does not have, then each new entry replaces the old one, and the new marker comes last. A SIGKILL in
+    between leaves OUT unfinished and OUT.staging/ complete: finish_swap completes it at the next start."""
+    stage = staging(out)
+    with signals_held():
+        os.makedirs(out, exist_ok=True)
+        new = set(os.listdir(stage)) - {marker}
+        old = _previous_final(out, marker) if os.path.isfile(os.path.join(out, marker)) else set()
+        if os.path.isfile(os.path.join(out, marker)):
+            os.remove(os.path.join(out, marker))
+        for name in sorted(old - new):
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                remove_dir(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        for name in sorted(new):
+            dst = os.path.join(out, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                remove_dir(dst)
+            os.replace(os.path.join(stage, name), dst)
+        os.replace(os.path.join(stage, marker), os.path.join(out, marker))
+        os.rmdir(stage)
+
+
+def finish_swap(out: str, marker: str) -> None:
+    """A complete OUT.staging/ (its marker there) is an output whose swap was cut by a kill: complete it."""
+    if os.path.isfile(os.path.join(staging(out), marker)):
+        swap_in(out, marker)
+
+
+def replace_files(writes: list[tuple[str, object]], marker: str, marker_obj) -> None:
+    """Write each (path, write_fn(tmp_path)) under a temporary name; only when all are whole, with signals
+    held: remove the old marker, rename each into place, write the new marker (last: it marks them complete).
+    The previous results stay whole and marked until then; a failure removes the temporary files."""
+    tmps = []
+    try:
+        for path, write_fn in writes:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp.{os.getpid()}"
+            tmps.append(tmp)
+            write_fn(tmp)
+        with signals_held():
+            if os.path.isfile(marker):
+                os.remove(marker)
+            for (path, _), tmp in zip(writes, tmps):
+                os.replace(tmp, path)
+            write_json(marker, marker_obj)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
