@@ -343,7 +343,8 @@ def exp_teachers(a) -> dict:
             if not os.path.isfile(os.path.join(base, "config.json")):
                 tok = load_tokenizer(cfg["teacher_model"])
                 synthetic.make_model(tok, {"hidden_size": hidden, "num_hidden_layers": layers,
-                                               "num_attention_heads": 4, "intermediate_size": 4 * hidden},
+                                               "num_attention_heads": 4, "intermediate_size": 4 * hidden,
+                                               "tie_word_embeddings": synthetic.TEACHER_SHAPE["tie_word_embeddings"]},
                                          cfg["seed"], base)
         else:
             base = v

@@ -226,9 +226,16 @@ def _sharded_state(model: nn.Module, opt) -> tuple[dict, list]:
     creates them first (torch's _init_optim_state: one optimizer step with zero gradients at learning rate 0,
     which leaves the weights as they are), so on resume the template holds every tensor the checkpoint has.
     A number among the per-parameter state (an optimizer that keeps its step as a float) becomes a 0-d tensor:
-    DCP would pickle anything that is not a tensor."""
+    DCP would pickle anything that is not a tensor.
+
+    Tied weights (lm_head.weight is the input embedding in OPT, GPT-2, SmolLM2, Gemma, ...) are one parameter
+    under two names: the state dict holds it twice, and safetensors refuses to write one storage twice. It is
+    kept once, under its first name (model.named_parameters(), which lists each parameter once); on resume DCP
+    writes into that one parameter, so the tie holds (one storage) and both names see the restored weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    once = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    msd = {k: v for k, v in msd.items() if k in once}
     state = {fqn: {k: v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()}
              for fqn, st in osd["state"].items()}
     return {"model": msd, "optim": state}, osd["param_groups"]

@@ -19,8 +19,12 @@ import wlt
 DEFAULTS = {"num_pairs": 10000, "num_test": 1000, "tau": 0.3, "min_digits": 3, "max_digits": 6,
             "max_corruptions": 4}
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-TEACHER_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
-STUDENT_SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
+# The teacher ties its output head to its input embedding, as OPT-125M (the paper's teacher) does; the student
+# does not. So `bash launch.sh` trains, checkpoints and labels with a tied model and with an untied one.
+TEACHER_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+                 "tie_word_embeddings": True}
+STUDENT_SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
+                 "tie_word_embeddings": False}
 
 
 def digits(prompt: str) -> list[str]:
@@ -88,11 +92,11 @@ def make_tokenizer():
 
 
 def make_model(tok, shape: dict, seed: int, out_dir: str) -> None:
-    """A tiny randomly initialised Llama-architecture causal LM, saved in the standard HF layout."""
+    """A tiny randomly initialised Llama-architecture causal LM, saved in the standard HF layout. shape holds
+    the sizes and tie_word_embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-                      **shape)
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out_dir)

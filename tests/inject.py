@@ -5,7 +5,11 @@ the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point
     python tests/inject.py batch:N[@RANK] SCRIPT ARGS...   just after label.py / evaluate.py record their N-th batch
 
 RANK (default 0) is the torchrun rank that dies; the others run on. The project's scripts hold no test hooks:
-the point is found through torch's global optimizer step hook and by wrapping lib.resumable.Partial.add."""
+the point is found through torch's global optimizer step hook and by wrapping lib.resumable.Partial.add.
+
+In-process (a script's main() called by a test): `with crash_before_update(N): ...` raises Crash just before
+the N-th optimizer update of this process, through the same hook; the run stops there, as a killed one does."""
+import contextlib
 import os
 import runpy
 import signal
@@ -22,6 +26,26 @@ def die_at(n: int):
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
     return count
+
+
+class Crash(Exception):
+    """The injected crash of crash_before_update."""
+
+
+@contextlib.contextmanager
+def crash_before_update(n: int):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    calls = [0]
+
+    def count(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Crash(f"injected crash before optimizer update {n}")
+    handle = register_optimizer_step_pre_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def main() -> None:
