@@ -26,6 +26,7 @@ number), generations.jsonl (policy, index, prompt, response, gold). results.json
 a complete evaluation: rerunning the same command on unchanged inputs prints the table again and stops.
 """
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -199,10 +200,20 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
     return out
 
 
-def sample_batch(b: list[int], model, tok, enc: list[list[int]], eos: list[int], pad: int, args, dev) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How every policy samples, resolved once from the flags: prompt i draws with seed + i."""
+    seed: int
+    temperature: float
+    max_new_tokens: int
+    dtype: str  # --dtype: bf16 autocast on CUDA by default
+
+
+def sample_batch(b: list[int], model, tok, enc: list[list[int]], eos: list[int], pad: int, sampling: Sampling,
+                 dev) -> dict:
     """{prompt index: response text} of one batch of prompts."""
-    new = generate(model, [enc[i] for i in b], [args.seed + i for i in b], eos, pad, args.temperature,
-                   args.max_new_tokens, dev, args.dtype)
+    new = generate(model, [enc[i] for i in b], [sampling.seed + i for i in b], eos, pad, sampling.temperature,
+                   sampling.max_new_tokens, dev, sampling.dtype)
     return {i: tok.decode([t for t in ids if t not in eos], skip_special_tokens=True) for i, ids in zip(b, new)}
 
 
@@ -235,8 +246,9 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
                            f"({len(empty)} such prompts); remove them or use a tokenizer that adds BOS")
 
     t0 = time.time()
+    sampling = Sampling(args.seed, args.temperature, args.max_new_tokens, args.dtype)
     out = run_batches(in_batches([len(e) for e in enc], args.batch_size), partial, sample_batch, model, tok, enc, eos,
-                      pad, args, dev, tag=f"gen:{name}", desc=f"sample {name}", unit="prompt")
+                      pad, sampling, dev, tag=f"gen:{name}", desc=f"sample {name}", unit="prompt")
     stats[name]["seconds"] = time.time() - t0
     del model
     return out

@@ -19,11 +19,10 @@ import os
 import torch
 
 import wlt
-from lib import checkpoint, dist, trainer
+from lib import checkpoint, dist, models, trainer
 from lib.console import check_ranges, progress, run_main, world_size
 from lib.data import pad_id
-from lib.models import share_prompt_setting
-from lib.prepare import DPO_LR
+from lib.defaults import DPO_LR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +135,7 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
         return ref_train, ref_eval
     ref_model = None
     if not args.reference_free and args.ref and os.path.abspath(args.ref) != os.path.abspath(args.model):
-        ref_model = dist.build_model(args.ref, fwd.dev, args.seed, args.trust_remote_code, dtype=args.dtype)[0].eval()
+        ref_model = models.build_model(args.ref, fwd.dev, args.seed, args.trust_remote_code, dtype=args.dtype)[0].eval()
     per_epoch = trainer.steps_per_epoch(len(train), args.batch_size)  # plan[step] is a batch of epoch step // per_epoch
     ref_train = torch.zeros(-(-len(plan) // per_epoch), len(train), 2, dtype=torch.float64)
     bar = progress(len(plan), "reference log-probs", "step")
@@ -197,10 +196,10 @@ def main():
 
     # ---- setup: policy (LoRA on the starting model, sharded under torchrun), reference, optimizer
     targets = args.lora_targets.split(",") if args.lora_targets else None
-    model, tok, dev, unique_keys = dist.setup_model(args, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+    model, tok, dev, unique_keys = models.setup_model(args, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
     model.eval()  # no model dropout in DPO: policy and reference log-probs must be deterministic
-    fwd = Forward(pad_id(tok), share_prompt_setting(args.share_prompt, model, args.activation_checkpointing), dev,
-                  args.dtype)
+    share = models.share_prompt_setting(args.share_prompt, model, args.activation_checkpointing)
+    fwd = Forward(pad_id(tok), share, dev, args.dtype)
     objective = Objective(args.beta, args.loss_type, args.label_smoothing)
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     per_epoch = trainer.steps_per_epoch(len(train), args.batch_size)

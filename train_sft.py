@@ -14,10 +14,10 @@ import argparse
 import torch
 
 import wlt
-from lib import dist, trainer
+from lib import dist, models, trainer
 from lib.console import run_main, world_size
 from lib.data import pad_id
-from lib.prepare import SFT_LR
+from lib.defaults import SFT_LR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def main():
     inputs, train, evals, stats = begun
 
     # ---- setup: the same weights on every process (sharded under torchrun), optimizer and plan
-    model, tok, dev, unique_keys = dist.setup_model(args)
+    model, tok, dev, unique_keys = models.setup_model(args)
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
     tokens = [len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train]  # through the model per item, for tokens/s
     loop = trainer.Loop(args, model, plan, inputs, "sft", len(evals), tokens)

@@ -76,20 +76,20 @@ def _write_weights(path: str, tensors: dict, dtype: torch.dtype | None) -> int:
 WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
-def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, keep: set | None = None,
+def save_hf_checkpoint(out_dir: str, sd: dict, model, tokenizer, unique_keys: set | None = None,
                        dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
     """Write an HF checkpoint (config.json, generation_config.json, the weights, tokenizer) from a full state
     dict, as save_pretrained lays it out: floating-point tensors in `dtype` (None: as they are), one
     model.safetensors, or, above max_shard_bytes, model-0000i-of-0000n.safetensors files and
     model.safetensors.index.json (the weight map from_pretrained reads). Each file is written atomically;
-    weight files of an earlier save that this one does not write are removed. `keep` drops tied duplicates
+    weight files of an earlier save that this one does not write are removed. `unique_keys` drops tied duplicates
     (unique_state_keys of the unsharded model).
 
     Host memory: `sd` is consumed, its tensors dropped file by file as their cast copies are made, so a state
     dict gathered for the save (multi-process or CUDA runs) shrinks while it is written; where its tensors are
     the live model's own (one CPU process), one file's cast copies at most come on top."""
     os.makedirs(out_dir, exist_ok=True)
-    keys = [k for k in sd if keep is None or k in keep]
+    keys = [k for k in sd if unique_keys is None or k in unique_keys]
     shards, size = [[]], 0
     for k in keys:  # in state-dict order, as save_pretrained groups them
         n = sd[k].numel() * _saved_dtype(sd[k], dtype).itemsize

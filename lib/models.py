@@ -1,12 +1,15 @@
-"""Loading models and tokenizers, with one-line errors for the usual mistakes (a wrong folder, no weights)."""
+"""Loading models and tokenizers, with one-line errors for the usual mistakes (a wrong folder, no weights), and
+building the model a trainer trains on every process (meta-device skeleton, FSDP2 shards filled from rank 0)."""
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn as nn
 
 import wlt
-from lib.console import one_line
+from lib.console import log, one_line, rank, world_size
+from lib.dist import device, enable_activation_checkpointing, init_distributed, set_seed, shard_model
 
 
 def check_model_dir(path: str) -> None:
@@ -140,3 +143,82 @@ def fit_max_len(args, path: str, flag: str) -> None:
         from lib.console import log
         log(f"--max-len {args.max_len} is more than the {n} positions of {flag} {path}; using --max-len {n}")
         args.max_len = n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model a trainer trains
+
+
+def unique_state_keys(model: nn.Module) -> set:
+    """State-dict keys without tied duplicates (e.g. lm_head.weight tied to the input embedding)."""
+    keys = {n for n, _ in model.named_parameters()}
+    keys |= {n for n, _ in model.named_buffers()}
+    return keys
+
+
+def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool = False, lora: dict | None = None,
+                activation_checkpointing: bool = False, dtype: str = "auto") -> tuple[nn.Module, set]:
+    """The model a trainer trains, on `dev`; under torchrun sharded with FSDP2. Returns (model, unique_keys)
+    where unique_keys = the state-dict keys without tied duplicates. lora: wlt.add_lora's keyword arguments, or None.
+
+    One process: load the weights, add LoRA (seeded), move to dev. N processes: only rank 0 reads the weights
+    (into CPU memory: one copy in the whole job, not one per rank, which is what lets a 7B model start on a
+    node of 8 GPUs); every rank builds the same architecture on the meta device (no memory), shards it (one
+    FSDP2 unit per block + the root), allocates only its own shards (to_empty) and receives them from rank 0
+    (set_model_state_dict with broadcast_from_rank0). Buffers that are not in a state dict (rotary
+    frequencies, causal masks) are broadcast too. LoRA weights are drawn once, on rank 0, with the seed of
+    the one-process path, and travel with the rest: every rank holds the same adapter, and N processes start
+    from exactly the weights of one."""
+    set_seed(seed)
+    W = world_size()
+    full = None
+    if W == 1 or rank() == 0:
+        full = load_model(path, trust_remote_code)
+        if lora:
+            set_seed(seed)
+            wlt.add_lora(full, **lora)
+    if W == 1:
+        if activation_checkpointing:
+            enable_activation_checkpointing(full)
+        return full.to(dev), unique_state_keys(full)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        if lora:
+            wlt.add_lora(model, **lora)
+    unique_keys = unique_state_keys(model)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    shard_model(model, dev, dtype)
+    model.to_empty(device=dev)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    src = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if full is not None:
+                buf.copy_(src[name])
+            torch.distributed.broadcast(buf, src=0)
+    if full is not None:
+        model.generation_config = full.generation_config
+    del full
+    return model, unique_keys
+
+
+def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout: float = 0.0, lora_targets=None):
+    """Every rank: the same weights (build_model), optional LoRA, sharded under torchrun.
+    Returns (model, tokenizer, device, unique_keys): unique_keys = the state-dict keys without tied duplicates."""
+    init_distributed()
+    dev = device()
+    check_model_dir(args.model)  # before the tokenizer, so a folder without weights is named as such
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets) if lora_rank > 0 else None
+    model, unique_keys = build_model(args.model, dev, args.seed, args.trust_remote_code, lora,
+                              getattr(args, "activation_checkpointing", False), getattr(args, "dtype", "auto"))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensor.numel() is the global size
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model {args.model}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable, "
+        f"device {dev}, {world_size()} process(es)")
+    return model, tok, dev, unique_keys

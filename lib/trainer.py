@@ -229,7 +229,7 @@ class MetricsLog:
         if rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "metrics.jsonl")
-            keep = []
+            kept = []
             if start_step and os.path.isfile(path):
                 with open(path) as f:
                     for line in f:
@@ -238,8 +238,8 @@ class MetricsLog:
                         except json.JSONDecodeError:  # a line cut by a kill
                             continue
                         if row.get("step", 0) <= start_step:
-                            keep.append(line if line.endswith("\n") else line + "\n")
-            write_text(path, "".join(keep))  # atomically: a kill here keeps the old file
+                            kept.append(line if line.endswith("\n") else line + "\n")
+            write_text(path, "".join(kept))  # atomically: a kill here keeps the old file
             self.f = open(path, "a")
 
     def write(self, row: dict) -> None:
@@ -314,7 +314,7 @@ def begin(args, kind: str) -> tuple[dict, list[dict], list[dict], dict] | None:
     return inputs, train, evals, stats
 
 
-def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs: dict) -> None:
+def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, inputs: dict) -> None:
     """The end of a training run: the full state dict gathered to rank 0 (a collective under FSDP2), written as
     an HF checkpoint; with LoRA, the merged model plus adapter/ in PEFT's layout. Then train_config.json, last:
     the script, the resolved settings (trust_remote_code among them), data counts, per-rank memory, the inputs'
@@ -335,10 +335,10 @@ def save_final(args, model: nn.Module, tok, keep: set, opt, stats: dict, inputs:
             if lora:
                 merged, adapter = wlt.split_lora_state_dict(sd, lora)
                 sd = None  # merged holds what the save needs; it drops each tensor once written
-                checkpoint.save_hf_checkpoint(stage, merged, model, tok, keep, dtype, args.max_shard_size)
+                checkpoint.save_hf_checkpoint(stage, merged, model, tok, unique_keys, dtype, args.max_shard_size)
                 checkpoint.save_adapter(stage, adapter, lora, os.path.abspath(args.model))
             else:
-                checkpoint.save_hf_checkpoint(stage, sd, model, tok, keep, dtype, args.max_shard_size)
+                checkpoint.save_hf_checkpoint(stage, sd, model, tok, unique_keys, dtype, args.max_shard_size)
             write_json(os.path.join(stage, "train_config.json"),
                        {"script": f"train_{'dpo' if hasattr(args, 'beta') else 'sft'}.py", "args": vars(args),
                         "data": stats, "inputs": inputs, "files": sorted(os.listdir(stage))})

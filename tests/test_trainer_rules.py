@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import wlt
-from lib import dist, trainer
+from lib import models, trainer
 import train_dpo
 from conftest import make_bpe_tokenizer
 
@@ -59,7 +59,7 @@ def test_resume_checks_inputs_and_restarts_cleanly(tmp_path, tiny_model_dir, mon
     # swapped in only once complete), and no staging folder
     def crash(*a, **k):
         raise RuntimeError("killed")
-    monkeypatch.setattr(dist, "setup_model", crash)
+    monkeypatch.setattr(models, "setup_model", crash)
     with pytest.raises(RuntimeError):
         run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0", "--overwrite")
     cfg = json.load(open(os.path.join(out, "train_config.json")))
