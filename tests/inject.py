@@ -3,13 +3,13 @@ the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point
 
     python tests/inject.py step:N[@RANK] SCRIPT ARGS...    just before the N-th optimizer update of this process
     python tests/inject.py batch:N[@RANK] SCRIPT ARGS...   just after label.py / evaluate.py record their N-th batch
-
     python tests/inject.py term:N[@RANK] SCRIPT ARGS...    just after the N-th optimizer update of this process,
         send SIGTERM to the parent process (torchrun, which passes it on to every rank, as on a cluster), and
         wait 1 s, so the signal has reached the ranks before the step ends
 
-RANK (default 0) is the torchrun rank that dies (or signals); the others run on. The project's scripts hold no test hooks:
-the point is found through torch's global optimizer step hook and by wrapping lib.resumable.Partial.add.
+RANK (default 0) is the torchrun rank that dies (or signals); the others run on. The project's scripts hold no
+test hooks: the point is found through torch's global optimizer step hooks and by wrapping
+lib.resumable.Partial.add.
 
 In-process (a script's main() called by a test): `with crash_before_update(N): ...` raises Crash just before
 the N-th optimizer update of this process, through the same hook; the run stops there, as a killed one does."""
