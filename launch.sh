@@ -22,6 +22,12 @@
 #   SEED     split seed (default 22, the paper's)         GOLD_RM gold reward model (hh / tldr)
 #   PREPARE_ARGS, SFT_ARGS, DPO_ARGS, LABEL_ARGS, EVAL_ARGS: extra flags for that stage's script
 #     (SFT_ARGS and DPO_ARGS go to the teacher's and the student's stages alike)
+# Several nodes (docs/scaling.md): run launch.sh on every node with the same RUN (on a filesystem all nodes see)
+#   NNODES   nodes (default 1)                            NODE_RANK   this node's number, 0..NNODES-1
+#   MASTER_ADDR, MASTER_PORT   node 0's address and a free port (default 29500)
+#   (-> torchrun --nnodes --node-rank --master-addr --master-port; node 0 alone runs prepare)
+# The trainers always get --resume: a stopped or requeued job continues from its last checkpoint. SIGTERM and
+# SIGUSR1 (SLURM's --signal=USR1@SECS) make a trainer save a checkpoint at the next step and stop.
 set -euo pipefail
 # Paths given relative to the caller's folder stay meaningful after the cd below (names that do not exist
 # locally, e.g. hub model names, pass through unchanged).
@@ -32,6 +38,8 @@ cd "$(dirname "$0")"
 PRESET=${1:-synthetic}
 RUN=${RUN:-runs/$PRESET}
 NPROC=${NPROC:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
 PY=${PYTHON:-python3}
 SEED=${SEED:-22}
 
@@ -62,11 +70,23 @@ PREP=(--data "$DATA" --out "$RUN" --seed "$SEED")
 GOLD=()
 [ -n "$GOLD_RM" ] && GOLD=(--gold-rm "$GOLD_RM")
 
-run() {  # one stage, under torchrun when NPROC > 1
-  if [ "$NPROC" -gt 1 ]; then
+if [ "$NNODES" -gt 1 ]; then
+  [ -n "${MASTER_ADDR:-}" ] || { echo "launch.sh: NNODES=$NNODES needs MASTER_ADDR (node 0's address)" >&2; exit 2; }
+  WHERE=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
+else
+  WHERE=(--standalone)
+fi
+# torchrun passes these signals on to its processes (by default not SIGUSR1, which would kill it)
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# SLURM's SIGUSR1 reaches every process of the job step, this shell too: it waits for the stage, which saves
+# a checkpoint and exits non-zero, and then stops with that stage's exit code (set -e)
+trap : USR1
+
+run() {  # one stage, under torchrun when NPROC > 1 or NNODES > 1
+  if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     # torchrun gives each process one OpenMP thread unless told otherwise, and prints a banner saying so at
     # every stage; the same setting, said once here, keeps the log quiet
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m torch.distributed.run "${WHERE[@]}" --nproc_per_node "$NPROC" "$@"
   else
     "$PY" "$@"
   fi
@@ -75,7 +95,9 @@ START=$SECONDS
 stage() { echo; echo "== $1  [$(( SECONDS - START )) s]"; }
 
 stage "1/8 prepare -> $RUN"
-"$PY" wlt.py prepare "${PREP[@]}" "${PREPARE_X[@]}"
+if [ "$NODE_RANK" -eq 0 ]; then  # the other nodes' first stage waits for node 0 at torchrun's rendezvous
+  "$PY" wlt.py prepare "${PREP[@]}" "${PREPARE_X[@]}"
+fi
 stage "2/8 teacher SFT -> $RUN/teacher/sft"
 run train_sft.py --teacher --run-dir "$RUN" --resume "${SFT_X[@]}"
 stage "3/8 teacher DPO -> $RUN/teacher/dpo"

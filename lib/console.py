@@ -37,7 +37,10 @@ def one_line(e: Exception, limit: int = 300) -> str:
 # line. Each becomes an exception in the main thread, so every `finally` runs and every temporary file is
 # removed on the way out; what a killed run finished stays for the rerun (--resume, OUT.partial/).
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+# a scheduler's notice (SIGTERM before the kill; SIGUSR1 ahead of the time limit with SLURM's --signal=USR1@SECS):
+# inside a trainer's loop it asks for a checkpoint at the next step boundary (save_on_signal), then the stop
+SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Interrupted(BaseException):
@@ -45,9 +48,9 @@ class Interrupted(BaseException):
     so that `except Exception` does not swallow it). The hook for work to do on a signal, such as a checkpoint
     before a cluster's SIGTERM deadline: catch it around the loop, save, and raise it again."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, saved: str | None = None):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.saved = signum, saved  # saved: what was written before the stop (a checkpoint)
 
 
 def _raise_interrupted(signum, frame):
@@ -69,6 +72,29 @@ def signals_held():
         raise Interrupted(came[0])
 
 
+class save_on_signal:
+    """While entered, SIGTERM and SIGUSR1 do not stop the script where it is: they are recorded (`came`), for a
+    training loop to save a checkpoint at its next step boundary and then stop (a signal mid-step must not
+    save a half-updated state). Ctrl-C and SIGHUP still stop at once. Leaving puts the previous handlers back."""
+
+    def __init__(self):
+        self.came, self.old = None, {}
+
+    def _record(self, signum, frame):
+        if self.came is None:
+            self.came = signum
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._record) for s in SAVE_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
+        return False
+
+
 def run_main(main) -> None:
     """Run a script's main(); a wlt.WltError becomes a one-line message and exit code 1, a stop signal
     (Ctrl-C, SIGTERM, SIGHUP) one line and exit code 128 + its number."""
@@ -88,7 +114,10 @@ def run_main(main) -> None:
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        if rank() == 0:
+        if rank() == 0 and getattr(e, "saved", None):
+            print(f"error: stopped by {signal.Signals(signum).name}; saved {e.saved}: rerun the same command with "
+                  f"--resume to continue from there", file=sys.stderr, flush=True)
+        elif rank() == 0:
             print(f"error: stopped by {signal.Signals(signum).name}; no output was left half-written: rerun the same "
                   f"command to continue (a trainer with --resume)", file=sys.stderr, flush=True)
         sys.exit(128 + signum)

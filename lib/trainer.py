@@ -15,7 +15,8 @@ import torch.nn as nn
 
 import wlt
 from lib import checkpoint, dist, memory, outputs, runs, tracking
-from lib.console import argument_parser, check_ranges, log, progress, rank, world_size
+from lib.console import (Interrupted, argument_parser, check_ranges, log, progress, rank, save_on_signal,
+                         world_size)
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.files import check_file, fingerprint, remove_dir, same_settings, write_json, write_text
 from lib.models import check_model_dir, fit_max_len, load_tokenizer
@@ -367,6 +368,10 @@ class Loop:
             loop.log(row)                                    # metrics.jsonl and the progress bar
             if loop.checkpoint_due(step): loop.save_checkpoint(step)
 
+    While steps() runs, SIGTERM or SIGUSR1 (a scheduler's notice) makes the next checkpoint_due true on every
+    rank, and save_checkpoint then stops the run with console.Interrupted naming the checkpoint (exit code
+    128 + the signal's number, for a scheduler to requeue the job; --resume continues it).
+
     Building it makes the optimizer and the schedule, and with --resume restores a matching mid-run checkpoint
     (weights, optimizer, schedule, RNG; the data position is the step, since the plan is fixed by the seed).
     tokens_per_item[i]: the tokens item i puts through the model, for the tokens/s figure."""
@@ -387,9 +392,12 @@ class Loop:
         self.metrics = MetricsLog(args.out, self.start, args.report_to, vars(args))
         self.bar = progress(len(plan), desc, "step", initial=self.start)
         self.t0, self.tokens = time.time(), 0
+        self.notice = save_on_signal()
 
-    def steps(self) -> range:
-        return range(self.start, len(self.plan))
+    def steps(self):
+        """The steps left, with SIGTERM/SIGUSR1 recorded instead of stopping the script mid-step."""
+        with self.notice:
+            yield from range(self.start, len(self.plan))
 
     def micro_batches(self, step: int):
         """Yield (indices, weights) of this rank's micro-batches of global batch `step` (dist.micro_batches;
@@ -428,16 +436,32 @@ class Loop:
         self.bar.update(1)
         self.bar.set_postfix(**{k.split("/")[-1]: f"{row[k]:.4f}" for k in shown if k in row})
 
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM/SIGUSR1 has reached any rank (a collective: every rank answers the same, so every
+        rank saves after the same step, whichever got the signal first)."""
+        came = torch.tensor([0.0 if self.notice.came is None else float(self.notice.came)])
+        came = dist.all_reduce_max(came)
+        if came.item() and self.notice.came is None:
+            self.notice.came = int(came.item())
+        return bool(came.item())
+
     def checkpoint_due(self, step: int) -> bool:
-        """Every --save-every steps, except after the last step (the final save follows)."""
+        """Every --save-every steps, except after the last step (the final save follows); and after any step
+        when a stop signal came (stop_requested)."""
         done = step + 1
-        return bool(self.args.save_every) and done % self.args.save_every == 0 and done < len(self.plan)
+        regular = bool(self.args.save_every) and done % self.args.save_every == 0 and done < len(self.plan)
+        return self.stop_requested() or regular
 
     def save_checkpoint(self, step: int) -> None:
         """The mid-run checkpoint after `step`: trainable weights, optimizer, schedule, RNG (a collective)."""
         checkpoint.save_checkpoint(self.args.out, self.model, self.opt, self.sched, step + 1, self.settings,
                                    self.inputs)
+        if self.notice.came is not None:  # a stop signal asked for this checkpoint: stop now
+            self.notice.__exit__(None, None, None)
+            self.close()
+            raise Interrupted(self.notice.came, saved=f"a checkpoint of step {step + 1} in {self.args.out}")
 
     def close(self) -> None:
+        self.notice.__exit__(None, None, None)
         self.bar.close()
         self.metrics.close()

@@ -3,9 +3,13 @@ the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point
 
     python tests/inject.py step:N[@RANK] SCRIPT ARGS...    just before the N-th optimizer update of this process
     python tests/inject.py batch:N[@RANK] SCRIPT ARGS...   just after label.py / evaluate.py record their N-th batch
+    python tests/inject.py term:N[@RANK] SCRIPT ARGS...    just after the N-th optimizer update of this process,
+        send SIGTERM to the parent process (torchrun, which passes it on to every rank, as on a cluster), and
+        wait 1 s, so the signal has reached the ranks before the step ends
 
-RANK (default 0) is the torchrun rank that dies; the others run on. The project's scripts hold no test hooks:
-the point is found through torch's global optimizer step hook and by wrapping lib.resumable.Partial.add.
+RANK (default 0) is the torchrun rank that dies (or signals); the others run on. The project's scripts hold no
+test hooks: the point is found through torch's global optimizer step hooks and by wrapping
+lib.resumable.Partial.add.
 
 In-process (a script's main() called by a test): `with crash_before_update(N): ...` raises Crash just before
 the N-th optimizer update of this process, through the same hook; the run stops there, as a killed one does."""
@@ -14,6 +18,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +30,17 @@ def die_at(n: int):
         calls[0] += 1
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
+    return count
+
+
+def term_parent_after(n: int):
+    calls = [0]
+
+    def count(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(1)
     return count
 
 
@@ -57,6 +73,9 @@ def main() -> None:
         if kind == "step":
             from torch.optim.optimizer import register_optimizer_step_pre_hook
             register_optimizer_step_pre_hook(die_at(int(n)))
+        elif kind == "term":
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+            register_optimizer_step_post_hook(term_parent_after(int(n)))
         elif kind == "batch":
             from lib import resumable
             add, after = resumable.Partial.add, die_at(int(n))
@@ -66,7 +85,7 @@ def main() -> None:
                 after()
             resumable.Partial.add = add_then_count
         else:
-            raise SystemExit(f"inject.py: unknown point {point!r} (step:N or batch:N)")
+            raise SystemExit(f"inject.py: unknown point {point!r} (step:N, term:N or batch:N)")
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
 

@@ -94,7 +94,8 @@ def test_checkpoint_of_other_settings_is_not_used(synthetic_run, tmp_path):
 
 def test_sft_two_processes_killed_then_resumed(synthetic_run, tmp_path):
     """FSDP2 over 2 processes: rank 1 is killed before step 4; the rerun resumes from the sharded checkpoint of
-    step 2 and ends with the weights of an uninterrupted 2-process run."""
+    step 2 and ends with the weights of an uninterrupted 2-process run. Then SIGTERM mid-run: a checkpoint at the
+    step boundary, and --resume ends with the same weights, every metric row once."""
     args = ["--model", os.path.join(synthetic_run, "models", "teacher-base"), "--data",
             os.path.join(synthetic_run, "data", "labeled.jsonl"), "--max-steps", "5", "--batch-size", "8",
             "--save-every", "2", "--eval-pairs", "0", "--lr", "1e-2"]
@@ -109,6 +110,19 @@ def test_sft_two_processes_killed_then_resumed(synthetic_run, tmp_path):
     assert "at step 2" in p.stdout and "not be bit-equal" not in p.stdout
     same_weights(full, cut, bitwise=True)
     assert [r["step"] for r in read_jsonl(os.path.join(cut, "metrics.jsonl"))] == list(range(1, 6))
+    # SIGTERM to torchrun (as a scheduler stops a job) after step 3's update on rank 0 (not a --save-every
+    # step): every rank saves the checkpoint of step 3 at the step boundary and the run stops non-zero;
+    # --resume ends bit-equal again
+    term = str(tmp_path / "term")
+    p = torchrun(2, INJECT, "term:3", SFT, *args, "--out", term, check=False)
+    assert p.returncode != 0 and not os.path.exists(os.path.join(term, "train_config.json")), p.stderr
+    assert torch.load(os.path.join(term, "checkpoint", "state.pt"), weights_only=True)["step"] == 3, p.stderr
+    assert "stopped by SIGTERM; saved a checkpoint of step 3" in p.stderr and "--resume" in p.stderr, p.stderr
+    assert [r["step"] for r in read_jsonl(os.path.join(term, "metrics.jsonl"))] == [1, 2, 3]
+    p = torchrun(2, SFT, *args, "--out", term, "--resume")
+    assert "at step 3" in p.stdout
+    same_weights(full, term, bitwise=True)
+    assert [r["step"] for r in read_jsonl(os.path.join(term, "metrics.jsonl"))] == list(range(1, 6))
 
 
 def test_resume_reads_only_this_ranks_share(weighty_model_dir, tmp_path):
