@@ -13,7 +13,7 @@ machine (as in nanoGPT's bench.py: ratios, not absolute numbers, are what carrie
 The baseline is the common implementation: both models in memory, chosen and rejected as two full sequences
 (prompt included, concatenated into one batch), full fp32 logits [2B, T, V], log_softmax of the same size,
 gather; in DPO the reference runs inside every step; SFT takes the cross-entropy of the full logits.
-wlt is the library's own path: wlt.pair_logps (prompt once per pair, its KV cache shared by both responses;
+wlt is the library's own path: wlt.pair_logps (prompt once per pair, shared by both responses;
 only response positions projected onto the vocabulary, in chunks, recomputed in backward), length-bucketed
 batches for labeling, the reference computed once before the DPO loop (timed apart: "ref once"), and
 wlt.response_logps + wlt.sft_loss for SFT. Both sides start from the same random weights and the same token
