@@ -578,6 +578,9 @@ def check_args(ap, args) -> None:
             ap.error(f"--pairs {args.pairs}: no such file")
         if tokenizer_path(args) is None:
             ap.error("--pairs FILE with a random-weight shape needs --tokenizer (or --model a model folder)")
+    for flag in ("num_pairs", "label_batch", "dpo_batch", "dpo_steps", "sft_batch", "sft_steps"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     bad = set(args.tasks.split(",")) - set(WORK)
     if bad:
         ap.error(f"--tasks: unknown {', '.join(sorted(bad))} (choose from label,dpo,sft)")
