@@ -621,7 +621,7 @@ def check_trl(task: str, trl: dict, mine: dict, tol: dict) -> str:
     return f"TRL's first loss {loss:.4f} (log 2)"
 
 
-def table_rows(task: str, sides: dict, peak_flops: float, cuda: bool, dpo_batch: int) -> list[tuple]:
+def table_rows(task: str, sides: dict, peak_flops: float, dpo_batch: int) -> list[tuple]:
     """(measure, plain, TRL or None, wlt, higher_is_better) rows of one task."""
     base, trl, mine = sides["baseline"], sides.get("trl"), sides["wlt"]
     mb, rows = 2 ** 20, []
@@ -714,7 +714,7 @@ def main():
         note = "; ".join(notes)
         results[task] = {side: {k: v for k, v in r.items() if k not in ("logps", "ref_logps")} for side, r in sides.items()}
         results[task]["same_numbers"] = note
-        rows += table_rows(task, sides, peak_flops, dev.type == "cuda", args.dpo_batch)
+        rows += table_rows(task, sides, peak_flops, args.dpo_batch)
         print(f"  {task}: same numbers: {note}", flush=True)
     print_table(rows, dname, trl_note)
     if args.json:
