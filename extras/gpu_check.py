@@ -45,10 +45,10 @@ METHOD_TESTS = ["tests/test_kernel.py", "tests/test_math.py", "tests/test_lora.p
 DRY_TESTS = ["tests/test_math.py", "-k", "step0_identity or sigmoid_by_hand"]
 # full size: the shape the issue names; dry: seconds on a CPU
 BENCH = {"full": ["--model", "llama-3.2-1b", "--prompt-tokens", "96-128", "--response-tokens", "832-896",
-                  "--pairs", "32", "--label-batch", "8", "--dpo-batch", "8", "--dpo-steps", "3",
+                  "--num-pairs", "32", "--label-batch", "8", "--dpo-batch", "8", "--dpo-steps", "3",
                   "--sft-batch", "8", "--sft-steps", "3"],
          "dry": ["--model", "tiny", "--tasks", "dpo", "--prompt-tokens", "8-16", "--response-tokens", "8-24",
-                 "--pairs", "8", "--label-batch", "4", "--dpo-batch", "2", "--dpo-steps", "1"]}
+                 "--num-pairs", "8", "--label-batch", "4", "--dpo-batch", "2", "--dpo-steps", "1"]}
 SMALL_LAUNCH = {"PREPARE_ARGS": "--num-pairs 200 --num-test 12", "SFT_ARGS": "--max-steps 2 --eval-pairs 0",
                 "DPO_ARGS": "--max-steps 2 --eval-pairs 0", "EVAL_ARGS": "--max-new-tokens 8 --batch-size 12"}
 DPO_RESUME = ["--max-steps", "6", "--batch-size", "8", "--save-every", "2", "--lora-dropout", "0.2", "--lr", "1e-2",

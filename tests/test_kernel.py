@@ -42,11 +42,12 @@ PAIRS = [
 ]
 
 
-def build(family: str, vocab: int):
+def build(family: str, vocab: int, attn: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=vocab, **COMMON,
-                                                                  **KERNEL_FAMILIES.get(family, {})))
+                                                                  **KERNEL_FAMILIES.get(family, {})),
+                                             **({"attn_implementation": attn} if attn else {}))
     with torch.no_grad():  # zero-initialised biases and norms would hide a missing bias or scale in the head
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -103,10 +104,17 @@ def test_lean_kernel_equals_full_softmax(family, bpe_tokenizer, pairs):
                grads(model, lambda: naive(model, batch, torch.float32)))
 
 
-@pytest.mark.parametrize("family", sorted(wlt.SHARE_PROMPT & set(KERNEL_FAMILIES)))
-def test_shared_prompt_equals_unshared(family, bpe_tokenizer, pairs):
-    """The prompt once, left-padded, its KV cache expanded over both responses == two full sequences."""
-    model = build(family, len(bpe_tokenizer))
+NO_SDPA = {"gpt_neo"}  # transformers has no SDPA attention for it
+
+
+@pytest.mark.parametrize("family,attn", [(f, a) for f in sorted(wlt.SHARE_PROMPT & set(KERNEL_FAMILIES))
+                                         for a in ("sdpa", "eager") if not (a == "sdpa" and f in NO_SDPA)])
+def test_shared_prompt_equals_unshared(family, attn, bpe_tokenizer, pairs):
+    """The prompt once, shared by both responses == two full sequences. Under SDPA a pair is packed into one row
+    (its rejected response masked from its chosen one); under eager attention the prompt runs left-padded and its
+    KV cache is expanded over both responses."""
+    model = build(family, len(bpe_tokenizer), attn)
+    assert wlt.can_pack(model) == (attn == "sdpa")
     pad = data.pad_id(bpe_tokenizer)
     batch = wlt.collate_pairs(pairs, pad)
     with torch.no_grad():
