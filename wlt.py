@@ -302,37 +302,59 @@ def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]],
 
 # Packing. The cache path above pads every prompt of a batch to the longest prompt and all 2B responses to the
 # longest response: on multi-turn HH-RLHF prompts (14 to 388 tokens) that padding ate the sharing's saving.
-# Packed, a pair is one row, prompt + chosen + rejected, padded only to the batch's longest pair. The rejected
-# tokens see the prompt and each other but not the chosen ones, and their positions restart where the prompt
-# ends: the inputs of the cache path's attention, in one forward. It needs an attention that applies a given
-# [B, 1, T, T] mask as is: PyTorch's SDPA (transformers' default); eager and flash-attention take the cache path.
+# Packed, a pair is one segment, prompt + chosen + rejected, whose rejected tokens see the prompt and each other
+# but not the chosen ones, their positions restarting where the prompt ends: the inputs of the cache path's
+# attention, in one forward. Segments share rows no longer than the batch's longest pair (first fit, longest
+# first), each seeing only itself, so that two short pairs fill the row one long pair needs instead of two
+# padded rows. It needs an attention that applies a given [R, 1, T, T] mask as is: PyTorch's SDPA
+# (transformers' default); eager and flash-attention take the cache path.
 
 
 def can_pack(model) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
 
 
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Indices of the pairs in each row: rows as long as the longest pair, filled first fit, longest first."""
+    width, rows, room = max(lengths), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # a stable sort: ties keep file order
+        r = next((r for r, left in enumerate(room) if lengths[i] <= left), None)
+        if r is None:  # no row has room left for it: open one
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
 def _packed_pair_logps(model, exs: list[dict], pad: int) -> torch.Tensor:
     head = head_of(model)
     dev = head["weight"].device
-    T = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs)
-    ids = torch.full((len(exs), T), pad, dtype=torch.long)
-    pos = torch.zeros((len(exs), T), dtype=torch.long)
-    sees = torch.eye(T, dtype=torch.bool).repeat(len(exs), 1, 1)  # [B, T, T]; a padding position sees itself
+    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs]
+    packing = pack_rows(lengths)
+    R, T = len(packing), max(lengths)
+    ids = torch.full((R, T), pad, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    sees = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # [R, T, T]; a padding position sees itself
     rows, cols, targets, which = [], [], [], []  # the state predicting each response token, and its pair/side
-    for i, e in enumerate(exs):
-        p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
-        ids[i, :p + c + r] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
-        pos[i, :p + c] = torch.arange(p + c)
-        pos[i, p + c:p + c + r] = torch.arange(p, p + r)           # the rejected response continues the prompt
-        sees[i, :p + c, :p + c] = torch.ones(p + c, p + c, dtype=torch.bool).tril()
-        sees[i, p + c:p + c + r, :p] = True                        # the prompt, not the chosen response
-        sees[i, p + c:p + c + r, p + c:p + c + r] = torch.ones(r, r, dtype=torch.bool).tril()
-        rows += [i] * (c + r)
-        # chosen token j is predicted by state p - 1 + j; rejected token 0 by the last prompt state, j by p + c + j - 1
-        cols += list(range(p - 1, p + c - 1)) + [p - 1] + list(range(p + c, p + c + r - 1))
-        targets += e["chosen_ids"] + e["rejected_ids"]
-        which += [2 * i] * c + [2 * i + 1] * r
+    for row, members in enumerate(packing):
+        o = 0  # where the segment starts in its row
+        for i in members:
+            e = exs[i]
+            p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
+            ids[row, o:o + p + c + r] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
+            pos[row, o:o + p + c] = torch.arange(p + c)
+            pos[row, o + p + c:o + p + c + r] = torch.arange(p, p + r)  # the rejected response continues the prompt
+            sees[row, o:o + p + c, o:o + p + c] = torch.ones(p + c, p + c, dtype=torch.bool).tril()
+            sees[row, o + p + c:o + p + c + r, o:o + p] = True          # the prompt, not the chosen response
+            sees[row, o + p + c:o + p + c + r, o + p + c:o + p + c + r] = torch.ones(r, r, dtype=torch.bool).tril()
+            rows += [row] * (c + r)
+            # chosen token j is predicted by state p-1+j; rejected token 0 by the last prompt state, j by p+c+j-1
+            cols += [o + k for k in list(range(p - 1, p + c - 1)) + [p - 1] + list(range(p + c, p + c + r - 1))]
+            targets += e["chosen_ids"] + e["rejected_ids"]
+            which += [2 * i] * c + [2 * i + 1] * r
+            o += p + c + r
     hid = model.base_model(input_ids=ids.to(dev), attention_mask=sees[:, None].to(dev), position_ids=pos.to(dev),
                            use_cache=False).last_hidden_state
     lp = token_logps(hid[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)], head,

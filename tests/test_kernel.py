@@ -39,6 +39,7 @@ PAIRS = [
      "chosen": " Mix flour, water, salt and yeast, then let it rise.", "rejected": " No."},
     {"prompt": "sort: 7 3 9 1 =>", "chosen": " 1 3 7 9", "rejected": " 9 7 3 1 and some more words at the end"},
     {"prompt": "TL;DR:", "chosen": " keep it brief", "rejected": " say what matters first."},
+    {"prompt": "Hi", "chosen": " hello", "rejected": " go"},  # short: packed into another pair's row
 ]
 
 
@@ -57,7 +58,9 @@ def build(family: str, vocab: int, attn: str | None = None):
 @pytest.fixture(scope="module")
 def pairs(bpe_tokenizer):
     exs, _ = data.tokenize_pairs(bpe_tokenizer, PAIRS)
-    assert len({len(e["prompt_ids"]) for e in exs}) == 3  # prompts of different lengths: left padding differs
+    assert len({len(e["prompt_ids"]) for e in exs}) == 4  # prompts of different lengths: left padding differs
+    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs]
+    assert any(len(row) > 1 for row in wlt.pack_rows(lengths))  # packed, two pairs share a row
     return exs
 
 
@@ -110,9 +113,9 @@ NO_SDPA = {"gpt_neo"}  # transformers has no SDPA attention for it
 @pytest.mark.parametrize("family,attn", [(f, a) for f in sorted(wlt.SHARE_PROMPT & set(KERNEL_FAMILIES))
                                          for a in ("sdpa", "eager") if not (a == "sdpa" and f in NO_SDPA)])
 def test_shared_prompt_equals_unshared(family, attn, bpe_tokenizer, pairs):
-    """The prompt once, shared by both responses == two full sequences. Under SDPA a pair is packed into one row
-    (its rejected response masked from its chosen one); under eager attention the prompt runs left-padded and its
-    KV cache is expanded over both responses."""
+    """The prompt once, shared by both responses == two full sequences. Under SDPA a pair is packed into one
+    segment (its rejected response masked from its chosen one), two of the four sharing a row; under eager
+    attention the prompt runs left-padded and its KV cache is expanded over both responses."""
     model = build(family, len(bpe_tokenizer), attn)
     assert wlt.can_pack(model) == (attn == "sdpa")
     pad = data.pad_id(bpe_tokenizer)
@@ -124,13 +127,20 @@ def test_shared_prompt_equals_unshared(family, attn, bpe_tokenizer, pairs):
     assert shared.shape == (len(pairs), 2)
     close(shared.t().reshape(-1), ref)  # collate_pairs: chosen rows, then rejected rows
     close(plain.t().reshape(-1), ref)
-    # one pair alone (no padding at all) == the same pair inside the padded batch
+    # each pair alone (no padding, a row of its own) == the same pair inside the padded, packed batch
     with torch.no_grad():
-        alone = wlt.pair_logps(model, pairs[1:2], pad, share_prompt=True)
-    close(alone[0], shared[1])
+        for i in range(len(pairs)):
+            close(wlt.pair_logps(model, pairs[i:i + 1], pad, share_prompt=True)[0], shared[i])
     # gradients flow through the shared cache into the prompt's layers, as in the unshared forward
     same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=True)),
                grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False)))
+
+
+def test_pack_rows_by_hand():
+    """Rows as long as the longest pair (9), filled first fit, longest first: 9 | 5 + 4 | 3 + 2 (room 4 left)."""
+    assert wlt.pack_rows([5, 9, 3, 4, 2]) == [[1], [0, 3], [2, 4]]
+    assert wlt.pack_rows([3, 3]) == [[0], [1]]       # equal lengths: one a row, in file order
+    assert wlt.pack_rows([4, 2, 2]) == [[0], [1, 2]]  # a row filled exactly
 
 
 def test_default_sharing_follows_the_family(bpe_tokenizer, pairs):
