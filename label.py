@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beta of Eq. 5 (default: the teacher's DPO beta with --teacher, else 0.1). It scales the "
                         "rewards, never the labels")
     o.add_argument("--batch-size", type=int, default=16,
-                   help="pairs per batch (one prompt forward of B rows, one response forward of 2B rows, per model)")
+                   help="pairs per batch (pairs of similar length are batched together)")
     o.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
-                   help="run each prompt once and share its KV cache between the two responses (auto: for the "
-                        "families in wlt.SHARE_PROMPT); the same rewards as off, fewer tokens through the model")
+                   help="run each prompt once for both responses (auto: for the families in wlt.SHARE_PROMPT); the "
+                        "same rewards as off up to fp32 rounding, fewer tokens through the model")
     o.add_argument("--max-len", type=int, default=None,
                    help="tokens per sequence; longer prompts lose tokens from the left (default: the run's, else 512)")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")

@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
     d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
     d.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
-                   help="run each prompt once and share its KV cache between chosen and rejected (auto: for the "
-                        "families in wlt.SHARE_PROMPT); the same numbers as off up to fp32 rounding, fewer tokens through the model")
+                   help="run each prompt once for both responses (auto: for the families in wlt.SHARE_PROMPT); the same numbers as off up to fp32 rounding, fewer tokens through the model")
     return ap
 
 
@@ -64,9 +63,6 @@ def parse_args() -> argparse.Namespace:
                  lora_dropout="in [0, 1)")
     if args.label_smoothing and args.loss_type != "sigmoid":
         ap.error("--label-smoothing applies to --loss-type sigmoid only")
-    if args.share_prompt == "on" and args.activation_checkpointing:
-        ap.error("--share-prompt on cannot be combined with --activation-checkpointing (a recomputed block would "
-                 "write the prompt's KV cache twice)")
     return args
 
 
@@ -113,10 +109,11 @@ def reference_logps_of(idx: list[int], items: list[dict], model, ref_model, fwd:
         return policy_logps(idx, items, ref_model or model, fwd).float().cpu()
 
 
-def reference_key(args, share: bool, inputs: dict, micro: int) -> dict:
+def reference_key(args, share: bool, packed: bool, inputs: dict, micro: int) -> dict:
     """What the cached reference log-probs depend on: the inputs, the data settings, and how the pairs are cut
-    into micro-batches and processes (padding and prompt sharing change the last bits)."""
-    return {"inputs": inputs, "micro": micro, "processes": world_size(), "share_prompt": share,
+    into micro-batches and processes, and how pairs are laid out (padding, prompt sharing and packing change the
+    last bits; a cache without the packed key predates rows shared by several pairs)."""
+    return {"inputs": inputs, "micro": micro, "processes": world_size(), "share_prompt": share, "packed": packed,
             **{k: getattr(args, k) for k in ("max_len", "seed", "batch_size", "epochs", "max_steps", "eval_pairs",
                                               "dtype", "reference_free", "strict")}}
 
@@ -129,7 +126,7 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
     float noise; before a checkpoint is loaded, since a full fine-tune's reference is the starting model. Kept
     in --out/ref_logps.safetensors: a rerun with other optimisation settings (lr, beta, loss) reuses it."""
     micro = trainer.micro_batch_size(args)
-    key = reference_key(args, fwd.share, inputs, micro)
+    key = reference_key(args, fwd.share, fwd.share and wlt.can_pack(model), inputs, micro)
     ref_train, ref_eval = checkpoint.load_ref_logps(args.out, key)
     if ref_train is not None:
         return ref_train, ref_eval

@@ -109,10 +109,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def share_prompt_setting(flag: str, model, activation_checkpointing: bool = False) -> bool:
     """--share-prompt auto|on|off, resolved once for `model`: whether a pair's prompt runs once for both
     responses (wlt.pair_logps). auto: where the family allows it (wlt.can_share_prompt); on for a family that
-    cannot share: a one-line error. The shared prompt's KV cache is written inside each block's forward, and a
-    checkpointed block would write it again when recomputed, so activation checkpointing runs every sequence
-    whole."""
-    if activation_checkpointing:
+    cannot share: a one-line error. Under SDPA a pair is packed into one row (wlt.can_pack), which activation
+    checkpointing recomputes like any other input; other attention implementations share through a KV cache
+    written inside each block's forward, which a checkpointed block would write again when recomputed: there
+    activation checkpointing runs every sequence whole."""
+    if activation_checkpointing and not wlt.can_pack(model):
+        if flag == "on":
+            raise wlt.WltError("--share-prompt on with --activation-checkpointing needs SDPA attention (a pair "
+                               "packed into one row); this model shares through a KV cache that a recomputed "
+                               "block would write twice: use --share-prompt auto or off")
         return False
     if flag == "on" and not wlt.can_share_prompt(model):
         kind = getattr(getattr(model, "config", None), "model_type", None)

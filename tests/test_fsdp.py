@@ -67,7 +67,8 @@ CASES = {
     "dpo-full-llama": (DPO, "llama", 21, ["--eval-pairs", "0", "--lora-rank", "0", "--lr", "1e-3"], None, None),
     # activation checkpointing on the 2-process side only: the same steps as storing every activation
     "sft-llama-ac": (SFT, "llama", 21, ["--eval-pairs", "0", "--lr", "2e-3"], 8, 2, ["--activation-checkpointing"]),
-    "dpo-lora-opt-ac": (DPO, "opt", 21, ["--eval-pairs", "0", "--lr", "1e-2", "--share-prompt", "off"], 4, 2,
+    # (both sides share the prompt: packed pairs under SDPA, recomputed as they are)
+    "dpo-lora-opt-ac": (DPO, "opt", 21, ["--eval-pairs", "0", "--lr", "1e-2", "--share-prompt", "on"], 4, 2,
                         ["--activation-checkpointing"]),
 }
 SEED = 3

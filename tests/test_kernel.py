@@ -143,6 +143,19 @@ def test_pack_rows_by_hand():
     assert wlt.pack_rows([4, 2, 2]) == [[0], [1, 2]]  # a row filled exactly
 
 
+def test_activation_checkpointing_shares_only_packed_pairs(bpe_tokenizer):
+    """Under --activation-checkpointing a recomputed block would write a KV cache twice: eager attention runs the
+    sequences whole (and refuses --share-prompt on); SDPA packs each pair into one row and still shares."""
+    from lib.models import share_prompt_setting
+    sdpa, eager = build("llama", len(bpe_tokenizer), "sdpa"), build("llama", len(bpe_tokenizer), "eager")
+    assert share_prompt_setting("auto", sdpa, activation_checkpointing=True)
+    assert share_prompt_setting("on", sdpa, activation_checkpointing=True)
+    assert not share_prompt_setting("auto", eager, activation_checkpointing=True)
+    assert share_prompt_setting("auto", eager, activation_checkpointing=False)
+    with pytest.raises(wlt.WltError, match="--share-prompt on with --activation-checkpointing needs SDPA"):
+        share_prompt_setting("on", eager, activation_checkpointing=True)
+
+
 def test_default_sharing_follows_the_family(bpe_tokenizer, pairs):
     assert wlt.can_share_prompt(build("llama", len(bpe_tokenizer)))
     gemma2 = build("gemma2", len(bpe_tokenizer))
