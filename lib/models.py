@@ -132,7 +132,7 @@ def positions(path: str, trust_remote_code: bool = False) -> int | None:
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise wlt.WltError(f"cannot read the config of model {path!r}: {one_line(e)}") from None
+        raise load_error("model config", path, e) from None
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         n = getattr(cfg, key, None)
         if isinstance(n, int) and n > 0:
@@ -145,7 +145,6 @@ def fit_max_len(args, path: str, flag: str) -> None:
     sequence would index past the model's position table."""
     n = positions(path, getattr(args, "trust_remote_code", False))
     if n is not None and args.max_len > n:
-        from lib.console import log
         log(f"--max-len {args.max_len} is more than the {n} positions of {flag} {path}; using --max-len {n}")
         args.max_len = n
 

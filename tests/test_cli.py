@@ -153,13 +153,16 @@ def test_a_model_the_hub_will_not_give_is_one_line_naming_what_to_do(monkeypatch
             except Exception as e:  # as transformers wraps the hub's errors
                 raise OSError(f"{path} is a repository\nwith a long story") from e
         return from_pretrained
-    for cause, words in ((GatedRepoError("403 gated", response=reply), ["a gated model", "HF_TOKEN", "hf auth login"]),
-                         (RepositoryNotFoundError("404", response=reply), ["no such local folder", "HF_TOKEN"])):
-        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse(cause))
-        with pytest.raises(wlt.WltError) as e:
-            models.load_tokenizer("meta-llama/Llama-3.2-1B")
-        assert str(e.value).startswith("meta-llama/Llama-3.2-1B: ") and "\n" not in str(e.value)
-        assert all(w in str(e.value) for w in words), str(e.value)
-    monkeypatch.undo()
-    with pytest.raises(wlt.WltError, match="not in the local hub cache, and the hub cannot be reached"):
-        models.load_tokenizer("nobody/not-cached-anywhere")  # the suite runs with HF_HUB_OFFLINE=1
+    # the tokenizer, and the config (the first thing a trainer reads of --model, for its positions)
+    for cls, read in ((transformers.AutoTokenizer, models.load_tokenizer), (transformers.AutoConfig, models.positions)):
+        for cause, words in ((GatedRepoError("403 gated", response=reply), ["a gated model", "HF_TOKEN", "hf auth login"]),
+                             (RepositoryNotFoundError("404", response=reply), ["no such local folder", "HF_TOKEN"])):
+            monkeypatch.setattr(cls, "from_pretrained", refuse(cause))
+            with pytest.raises(wlt.WltError) as e:
+                read("meta-llama/Llama-3.2-1B")
+            assert str(e.value).startswith("meta-llama/Llama-3.2-1B: ") and "\n" not in str(e.value)
+            assert all(w in str(e.value) for w in words), str(e.value)
+        monkeypatch.undo()
+    for read in (models.load_tokenizer, models.positions):  # the suite runs with HF_HUB_OFFLINE=1
+        with pytest.raises(wlt.WltError, match="not in the local hub cache, and the hub cannot be reached"):
+            read("nobody/not-cached-anywhere")
