@@ -23,25 +23,24 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def die_at(n: int):
+def on_call(n: int, act):
+    """A hook that calls act() at its n-th call (the arguments a hook is given are not needed)."""
     calls = [0]
 
     def count(*args, **kwargs):
         calls[0] += 1
         if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            act()
     return count
 
 
-def term_parent_after(n: int):
-    calls = [0]
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def count(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getppid(), signal.SIGTERM)
-            time.sleep(1)
-    return count
+
+def term_parent():
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(1)
 
 
 class Crash(Exception):
@@ -51,13 +50,10 @@ class Crash(Exception):
 @contextlib.contextmanager
 def crash_before_update(n: int):
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    calls = [0]
 
-    def count(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            raise Crash(f"injected crash before optimizer update {n}")
-    handle = register_optimizer_step_pre_hook(count)
+    def crash():
+        raise Crash(f"injected crash before optimizer update {n}")
+    handle = register_optimizer_step_pre_hook(on_call(n, crash))
     try:
         yield
     finally:
@@ -72,13 +68,13 @@ def main() -> None:
     if os.environ.get("RANK", "0") == (rank or "0"):
         if kind == "step":
             from torch.optim.optimizer import register_optimizer_step_pre_hook
-            register_optimizer_step_pre_hook(die_at(int(n)))
+            register_optimizer_step_pre_hook(on_call(int(n), kill_self))
         elif kind == "term":
             from torch.optim.optimizer import register_optimizer_step_post_hook
-            register_optimizer_step_post_hook(term_parent_after(int(n)))
+            register_optimizer_step_post_hook(on_call(int(n), term_parent))
         elif kind == "batch":
             from lib import resumable
-            add, after = resumable.Partial.add, die_at(int(n))
+            add, after = resumable.Partial.add, on_call(int(n), kill_self)
 
             def add_then_count(self, key, value):
                 add(self, key, value)
