@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
     d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
     d.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
-                   help="run each prompt once for both responses (auto: for the families in wlt.SHARE_PROMPT); the same numbers as off up to fp32 rounding, fewer tokens through the model")
+                   help="run each prompt once for both responses (auto: for the families in wlt.SHARE_PROMPT); the "
+                        "same numbers as off up to fp32 rounding, fewer tokens through the model")
     return ap
 
 
