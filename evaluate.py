@@ -27,6 +27,8 @@ a complete evaluation: rerunning the same command on unchanged inputs prints the
 """
 import argparse
 import dataclasses
+import functools
+import inspect
 import math
 import os
 import random
@@ -38,12 +40,14 @@ import torch
 
 import wlt
 from lib import dist, outputs, runs, synthetic
-from lib.console import argument_parser, check_ranges, log, one_line, rank, run_main
-from lib.data import Skips, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
+from lib.console import WltError, argument_parser, check_ranges, log, one_line
+from lib.data import Skips, in_batches, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
+from lib.dist import rank
 from lib.files import dump_jsonl, dump_text, fingerprint, remove_dir, same_settings
 from lib.memory import HostMemory
 from lib.models import check_model_dir, load_model, load_tokenizer
-from lib.resumable import Partial, in_batches, run_batches
+from lib.outputs import Partial, run_batches
+from lib.signals import run_main
 
 ROLE_NAMES = {"base": "base model", "sft": "SFT (reference)", "human": "pi_human (DPO, human labels)",
               "weak": "pi_weak (DPO, weak labels)"}
@@ -167,6 +171,22 @@ def sample_next(logits: torch.Tensor, temperature: float, gens: list[torch.Gener
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
 
 
+@functools.lru_cache(maxsize=None)
+def _kv_cache_kwarg(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def kv_cache_kwarg(model) -> str:
+    """The keyword under which a model's forward takes a KV cache: `cache` in transformers 5.x (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    return _kv_cache_kwarg(type(model))
+
+
+def kv_cache_of(output):
+    """The KV cache a forward with use_cache=True returned (`cache` in transformers 5.x, `past_key_values` before)."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, temperature: float,
              max_new_tokens: int, dev, dtype: str) -> list[list[int]]:
@@ -195,7 +215,7 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
-                        use_cache=True, **{wlt.kv_cache_kwarg(model): wlt.kv_cache_of(res)})
+                        use_cache=True, **{kv_cache_kwarg(model): kv_cache_of(res)})
             next_pos = next_pos + 1
     return out
 
@@ -224,13 +244,13 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
     model = load_model(path, args.trust_remote_code, dist.compute_dtype(dev, args.dtype), dev).eval()
     eos, pad = tok.eos_token_id, pad_id(tok)
     if eos is None:
-        raise wlt.WltError(f"{path}: the tokenizer has no EOS token; set one")
+        raise WltError(f"{path}: the tokenizer has no EOS token; set one")
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. also <|eot_id|>
     eos = sorted({eos} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []))
     positions = getattr(model.config, "max_position_embeddings", None)
     room = min(args.max_len, positions - args.max_new_tokens) if positions else args.max_len
     if room < 1:
-        raise wlt.WltError(f"{path}: the model's {positions} positions leave no room for a prompt next to "
+        raise WltError(f"{path}: the model's {positions} positions leave no room for a prompt next to "
                            f"--max-new-tokens {args.max_new_tokens}")
     if any(not isinstance(p, str) for p in prompts):  # conversations: the chat template, as in training
         require_chat_template(tok, f"{args.prompts} under {path}")
@@ -242,7 +262,7 @@ def sample_policy(args, name: str, path: str, prompts: list[str], dev, stats: di
     enc = [e[-room:] for e in enc]
     empty = [i for i, e in enumerate(enc) if not e]
     if empty:  # nothing to condition on (an empty prompt and a tokenizer without BOS)
-        raise wlt.WltError(f"{args.prompts}: prompt {empty[0] + 1} has no tokens under {path}'s tokenizer "
+        raise WltError(f"{args.prompts}: prompt {empty[0] + 1} has no tokens under {path}'s tokenizer "
                            f"({len(empty)} such prompts); remove them or use a tokenizer that adds BOS")
 
     t0 = time.time()
@@ -270,9 +290,9 @@ class GoldRM:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=torch.bfloat16 if use_bf16 else torch.float32, trust_remote_code=trust).to(dev).eval()
         except (OSError, ValueError) as e:
-            raise wlt.WltError(f"cannot load reward model {path!r}: {one_line(e)}") from None
+            raise WltError(f"cannot load reward model {path!r}: {one_line(e)}") from None
         if self.model.config.num_labels != 1:
-            raise wlt.WltError(f"{path}: a reward model has one output, this one has {self.model.config.num_labels}")
+            raise WltError(f"{path}: a reward model has one output, this one has {self.model.config.num_labels}")
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         if self.model.config.pad_token_id is None:  # decoder RMs score the last non-pad token
@@ -321,7 +341,7 @@ class GoldRM:
             try:
                 enc.append(self.encode(p, r))
             except Exception as e:  # e.g. a chat template that rejects the conversation
-                raise wlt.WltError(f"{self.path}: cannot build the reward-model input of item {i} ({desc}): "
+                raise WltError(f"{self.path}: cannot build the reward-model input of item {i} ({desc}): "
                                    f"{one_line(e)}") from None
 
         res = run_batches(in_batches([len(e["input_ids"]) for e in enc], self.batch_size), partial, self.score_batch,
@@ -448,7 +468,7 @@ def main():
         args.max_len = cfg.get("max_len", 512)
     exact_gold = cfg.get("source") == "synthetic" and not args.gold_rm
     if not exact_gold and not args.gold_rm:
-        raise wlt.WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
+        raise WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
     pols = policies(args, cfg)
     weak_path = os.path.join(args.run_dir, "data", "weak.jsonl") if args.run_dir else None
     outputs.check_apart({"--out": args.out}, {**{f"--policy {n}": p for n, p in pols.items()},
@@ -468,7 +488,7 @@ def main():
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     if not prompts:
-        raise wlt.WltError(f"{args.prompts}: no prompts")
+        raise WltError(f"{args.prompts}: no prompts")
     log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
     for path in [*pols.values(), *([args.gold_rm] if args.gold_rm else [])]:
         check_model_dir(path)

@@ -23,12 +23,14 @@ import torch
 
 import wlt
 from lib import checkpoint, dist, outputs, runs
-from lib.console import argument_parser, check_ranges, log, rank, run_main, world_size
-from lib.data import Skips, pad_id, pair_key, pair_to_row, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
+from lib.console import WltError, argument_parser, check_ranges, log
+from lib.data import Skips, in_batches, pad_id, pair_key, pair_to_row, read_pairs, relabeled_row, tokenize_pairs, usable_pairs
+from lib.dist import rank, world_size
 from lib.files import check_file, dump_jsonl, fingerprint, read_json, remove_dir, same_settings
 from lib.memory import HostMemory
 from lib.models import check_model_dir, fit_max_len, load_model, load_tokenizer, share_prompt_setting
-from lib.resumable import Partial, in_batches, run_batches
+from lib.outputs import Partial, run_batches
+from lib.signals import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +89,10 @@ def check_out(args) -> None:
     """--out may be replaced when it is absent, label.py's output (its summary, or a partial run, beside it), or
     --overwrite was given; a folder never."""
     if os.path.isdir(args.out):
-        raise wlt.WltError(f"--out {args.out} is a folder; label.py writes a .jsonl file: name one")
+        raise WltError(f"--out {args.out} is a folder; label.py writes a .jsonl file: name one")
     ours = os.path.isfile(runs.summary_path(args.out)) or os.path.isfile(os.path.join(args.out + ".partial", "meta.json"))
     if os.path.exists(args.out) and not ours and not args.overwrite:
-        raise wlt.WltError(f"--out {args.out}: a file that is not label.py's output (no "
+        raise WltError(f"--out {args.out}: a file that is not label.py's output (no "
                            f"{os.path.basename(runs.summary_path(args.out))} beside it); choose another --out, or "
                            f"pass --overwrite to replace it")
 
@@ -105,7 +107,7 @@ def resolve_teacher(args) -> None:
             runs.require(run, stage)
             setattr(args, key, os.path.join(run, "teacher", sub))
         elif not os.path.isfile(os.path.join(getattr(args, key), "train_config.json")):
-            raise wlt.WltError(f"{getattr(args, key)}: no finished training there (no train_config.json); "
+            raise WltError(f"{getattr(args, key)}: no finished training there (no train_config.json); "
                                f"train the teacher first")
     args.data = args.data or os.path.join(run, "data", "unlabeled.jsonl")
     args.out = args.out or os.path.join(run, "data", "weak.jsonl")
@@ -139,17 +141,18 @@ def load_teacher(args, dev: torch.device):
 
 
 def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool) -> dict:
-    """{pair index: [log pi_w(chosen), log pi_w(rejected), log pi_ref(chosen), log pi_ref(rejected)]}, each
-    prompt run once per model for both responses when share (wlt.pair_logps)."""
+    """{pair index: {"pi_w": [log pi_w(y1), log pi_w(y2)], "pi_ref": [log pi_ref(y1), log pi_ref(y2)]}}, y1 the
+    input's chosen response and y2 its rejected one, each prompt run once per model for both when share
+    (wlt.pair_logps)."""
     batch = [exs[i] for i in idx]
     logps_w = wlt.pair_logps(pol, batch, pad, share)                                    # [B, 2] under pi_w
-    if ref is None:
+    if ref is None:  # one model: its adapter off is pi_ref
         with wlt.lora_disabled(pol):
             logps_ref = wlt.pair_logps(pol, batch, pad, share)                          # [B, 2] under pi_ref
     else:
         logps_ref = wlt.pair_logps(ref, batch, pad, share)
-    t = torch.cat([logps_w, logps_ref], dim=1).float().cpu()                            # [B, 4]
-    return {i: t[j].tolist() for j, i in enumerate(idx)}
+    w, r = logps_w.float().cpu().tolist(), logps_ref.float().cpu().tolist()
+    return {i: {"pi_w": w[j], "pi_ref": r[j]} for j, i in enumerate(idx)}
 
 
 def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, seconds: float, resumed: int,
@@ -203,7 +206,7 @@ def main():
     todo = usable_pairs(exs, locs, args.max_len, skips)  # indices into pairs of the rows that can be labeled
     skips.report(args.data)
     if not todo:
-        raise wlt.WltError(f"{args.data}: no pairs to label")
+        raise WltError(f"{args.data}: no pairs to label")
     # batches of similar length (less padding), longest first, fixed by the data alone: 1 and N processes, and
     # a resumed run, compute exactly the same numbers
     lengths = [len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"])) for i in todo]
@@ -215,7 +218,8 @@ def main():
     # stay whole until the new ones replace them at the end
     if args.overwrite and rank() == 0:  # relabel from scratch, not from an earlier run's batches
         remove_dir(args.out + ".partial")
-    partial = Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
+    partial = Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs,
+                                 "values": "pi_w, pi_ref"})
     resumed = sum(len(b) for k, b in enumerate(batches) if f"label:{k}" in partial.done)  # labeled before a kill
     t0 = time.time()
     with torch.inference_mode(), dist.autocast(dev, args.dtype):
@@ -228,18 +232,19 @@ def main():
         partial.remove()
         return
 
-    # ---- Eq. 5 on the summed log-probs, then each pair in the teacher's order
-    t = torch.tensor([logps[i] for i in todo], dtype=torch.float64)
-    reward_of_chosen = wlt.implicit_reward(t[:, 0], t[:, 2], args.beta)  # of the input's chosen response
-    reward_of_rejected = wlt.implicit_reward(t[:, 1], t[:, 3], args.beta)
+    # ---- Eq. 5 on the summed log-probs: the rewards of y1 (the input's chosen response) and y2, and the weak label;
+    # then each pair in the teacher's order
+    logps_w = torch.tensor([logps[i]["pi_w"] for i in todo], dtype=torch.float64)      # [N, 2]: y1, y2
+    logps_ref = torch.tensor([logps[i]["pi_ref"] for i in todo], dtype=torch.float64)  # [N, 2]
+    reward = wlt.implicit_reward(logps_w, logps_ref, args.beta)                        # [N, 2]
     tie_break = torch.tensor([wlt.text_tie_break(pair_key(pairs[i]["chosen"]), pair_key(pairs[i]["rejected"]))
                               for i in todo])
-    teacher_agrees = wlt.weak_labels(reward_of_chosen, reward_of_rejected, tie_break)
-    ties = int((reward_of_chosen == reward_of_rejected).sum())
+    teacher_agrees = wlt.prefers_first(reward[:, 0], reward[:, 1], tie_break)           # [N]: y1 stays chosen
+    ties = int((reward[:, 0] == reward[:, 1]).sum())
     if ties:
         log(f"warning: {ties} pair(s) with exactly equal rewards (is pi_w different from pi_ref?); broken by a "
             f"hash of the two texts, not by the input order")
-    rows = [relabeled_row(pairs[i], bool(teacher_agrees[k]), float(reward_of_chosen[k]), float(reward_of_rejected[k]))
+    rows = [relabeled_row(pairs[i], bool(teacher_agrees[k]), float(reward[k, 0]), float(reward[k, 1]))
             for k, i in enumerate(todo)]
     written = [pair_to_row(r, layouts[i]) for r, i in zip(rows, todo)]  # as each row was read
     summary = summarize(rows, n_rows, skips, fallbacks, seconds, resumed, how, host_figures)

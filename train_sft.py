@@ -10,14 +10,21 @@ tokens, so that any number of processes and micro-batches takes the step one pro
 Model dropout stays on. Output in --out: an HF checkpoint, metrics.jsonl, train_config.json (written last).
 """
 import argparse
+import time
 
 import torch
 
 import wlt
-from lib import dist, models, trainer
-from lib.console import run_main, world_size
+from lib import checkpoint, dist, models, trainer
+from lib.console import progress
 from lib.data import pad_id
 from lib.defaults import SFT_LR
+from lib.signals import Interrupted, SaveNotice, run_main
+
+
+# What each role reads and writes: (model, data, out) in the run folder (--run-dir); the model it starts from is
+# the run's base model of that role (config.json).
+ROLES = {"teacher": (None, "data/labeled.jsonl", "teacher/sft"), "student": (None, "data/labeled.jsonl", "student/sft")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,27 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args() -> argparse.Namespace:
     ap = build_parser()
-    args, _ = trainer.parse_args(ap, "train_sft.py")
+    args, _ = trainer.parse_args(ap, "train_sft.py", ROLES)
     if args.lr is None:
         args.lr = SFT_LR
     return args
 
 
-def batch_of(exs: list[dict], pad: int, dev: torch.device) -> dict[str, torch.Tensor]:
-    """Prompt + chosen response of each pair: input_ids, attention_mask, labels [B, T] on dev."""
-    return {k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in exs], pad).items()}
+def batch_of(pairs: list[dict], pad: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    """Prompt + chosen response of each pair: input_ids, attention_mask, labels [B, T] on dev (wlt.collate)."""
+    return {k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in pairs], pad).items()}
 
 
-def held_out_logps(idx: list[int], model, evals: list[dict], pad: int, dev: torch.device) -> torch.Tensor:
+def held_out_logps(idx: list[int], evals: list[dict], model, pad: int) -> torch.Tensor:
     """[len(idx), 1]: log pi(chosen | prompt) of held-out pairs (for dist.sharded_map)."""
-    return wlt.response_logps(model, **batch_of([evals[i] for i in idx], pad, dev)).unsqueeze(-1)
+    batch = batch_of([evals[i] for i in idx], pad, dist.device())
+    return dist.in_forward(model, wlt.response_logps, *batch.values()).unsqueeze(-1)
 
 
-def held_out_loss(model, evals: list[dict], micro: int, pad: int, dev: torch.device, dtype: str) -> float:
+def held_out_loss(model, evals: list[dict], pad: int, args) -> float:
     """Token-mean NLL of the held-out chosen responses, without dropout."""
     model.eval()
-    with torch.no_grad(), dist.autocast(dev, dtype):
-        logps = dist.sharded_map(len(evals), micro, held_out_logps, model, evals, pad, dev)
+    with torch.no_grad(), dist.autocast(dist.device(), args.dtype):
+        logps = dist.sharded_map(len(evals), trainer.micro_batch_size(args), held_out_logps, evals, model, pad)
     model.train()
     return float(-logps.sum() / sum(len(e["chosen_ids"]) for e in evals))
 
@@ -56,40 +64,69 @@ def main():
     begun = trainer.begin(args, "sft")  # every check and the data first; only then is --out touched
     if begun is None:  # finished already
         return
-    inputs, train, evals, stats = begun
+    inputs, tok, train, evals, stats = begun
 
-    # ---- setup: the same weights on every process (sharded under torchrun), optimizer and plan
-    model, tok, dev, unique_keys = models.setup_model(args)
+    # ---- setup: the same weights on every process (sharded under torchrun), the optimizer and the plan
+    model, unique_keys = models.setup_model(args)
+    dev, pad, W, micro = dist.device(), pad_id(tok), dist.world_size(), trainer.micro_batch_size(args)
+    models.warn_plain_path(model, micro, args.max_len)
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
-    tokens = [len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train]  # through the model per item, for tokens/s
-    loop = trainer.Loop(args, model, plan, inputs, "sft", len(evals), tokens)
-    pad = pad_id(tok)
+    params, opt, sched = trainer.build_optimizer(model, args, len(plan))  # AdamW; warmup, then cosine
+    settings = trainer.checkpoint_settings(args)
+    start = checkpoint.resume(args.out, model, opt, sched, settings, inputs) if args.resume else 0
     model.train()  # SFT keeps the model's own dropout
 
-    # ---- loop: one optimizer step per global batch
-    for step in loop.steps():
-        n_tokens = sum(len(train[i]["chosen_ids"]) for i in plan[step])  # response tokens of the global batch
-        sums, response_tokens = {"loss": 0.0}, 0  # summed NLL over this rank's response tokens; how many
-        for idx, w in loop.micro_batches(step):  # this rank's share of the global batch
-            b = batch_of([train[i] for i in idx], pad, dev)
-            with dist.autocast(dev, args.dtype):
-                logps = wlt.response_logps(model, **b)                                  # [B]
-            wts = torch.tensor(w, device=dev)                                           # [B] 0: a padding copy
-            # FSDP2 averages gradients over the W processes (its default divisor); x W turns that average back
-            # into the sum over the global batch (x 1 in a single process)
-            (wlt.sft_loss(logps * wts, n_tokens) * world_size()).backward()
-            sums["loss"] += float(-(logps.detach() * wts).sum())
-            response_tokens += sum(len(train[i]["chosen_ids"]) for i, x in zip(idx, w) if x)
-        row = loop.optimizer_step(step, sums, response_tokens)  # all ranks' means; NaN stops; clip; AdamW + schedule
-        if loop.eval_due(step):
-            row["eval/loss"] = held_out_loss(model, evals, loop.micro, pad, dev, args.dtype)
-        loop.log(row, shown=("loss", "eval/loss"))
-        if loop.checkpoint_due(step):
-            loop.save_checkpoint(step)  # weights, optimizer, schedule, RNG: what --resume continues from
-    loop.close()
+    # ---- the loop: one optimizer step per global batch of sequences
+    t0, tokens = time.time(), 0  # tokens through the model, for tokens/s
+    with (trainer.MetricsLog(args, start) as metrics, progress(len(plan), "sft", "step", initial=start) as bar,
+          SaveNotice() as notice):  # SIGTERM/SIGUSR1 are only recorded: the loop saves at the step's end, then stops
+        for step in range(start, len(plan)):
+            n_tokens = sum(len(train[i]["chosen_ids"]) for i in plan[step])  # response tokens of the global batch
+            nll, counted = 0.0, 0  # summed NLL over this rank's response tokens, and how many tokens that is
+            micro_batches = dist.micro_batches(plan[step], micro)  # this rank's share: [(indices, weights)]
+            for j, (idx, w) in enumerate(micro_batches):
+                # FSDP2 reduce-scatters the gradients once per step, after the last micro-batch
+                if W > 1:
+                    model.set_requires_gradient_sync(j == len(micro_batches) - 1)
+                batch = batch_of([train[i] for i in idx], pad, dev)
+                with dist.autocast(dev, args.dtype):  # bf16 on CUDA, fp32 on the CPU
+                    logps = dist.in_forward(model, wlt.response_logps, *batch.values())  # [B] log pi(y|x), Eq. 2
+                weight = torch.tensor(w, device=dev)                                    # [B] 1, or 0: a padding copy
+                # the token mean over the global batch; FSDP2 averages gradients over the W ranks, so x W turns
+                # that average into the sum over all ranks' tokens (x 1 in one process)
+                loss = wlt.sft_loss(logps * weight, n_tokens) * W
+                loss.backward()
+                nll += float(-(logps.detach() * weight).sum())
+                counted += sum(len(train[i]["chosen_ids"]) for i, x in zip(idx, w) if x)
+                tokens += sum(len(train[i]["prompt_ids"]) + len(train[i]["chosen_ids"]) for i, x in zip(idx, w) if x)
+
+            # ---- the update: the loss over every rank's tokens, then clip, AdamW and the schedule
+            totals = dist.all_reduce_sum(torch.tensor([nll, counted, tokens], dtype=torch.float64))
+            row = {"step": step + 1, "loss": float(totals[0] / totals[1])}
+            trainer.stop_if_not_finite("loss", row["loss"], step + 1)  # before the update: the weights stay sound
+            grad_norm = trainer.clip_grads(params, args.max_grad_norm)   # the global norm, before clipping
+            trainer.stop_if_not_finite("gradient norm", grad_norm, step + 1)
+            row.update({"lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                        "tokens/s": float(totals[2]) / max(1e-9, time.time() - t0)})
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+            if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
+                row["eval/loss"] = held_out_loss(model, evals, pad, args)
+            metrics.write(row)
+
+            # ---- a mid-run checkpoint every --save-every steps, and now if any rank got a stop signal
+            stop = int(dist.all_reduce_max(torch.tensor([notice.came])))  # a collective, every step
+            if stop or (args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan)):
+                checkpoint.save_checkpoint(args.out, model, opt, sched, step + 1, settings, inputs)
+            bar.update(1)
+            bar.set_postfix(**{k.replace("/", "_"): f"{row[k]:.4f}" for k in ("loss", "eval/loss") if k in row})
+            if stop:
+                raise Interrupted(stop, saved=f"a checkpoint of step {step + 1} in {args.out}")
 
     # ---- save: the full state dict gathered to rank 0, an HF checkpoint, then train_config.json
-    trainer.save_final(args, model, tok, unique_keys, loop.opt, stats, inputs)
+    trainer.save_final(args, model, tok, unique_keys, opt, stats, inputs)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,28 @@
 """wlt: the method of "Your Weak LLM is Secretly a Strong Teacher for Alignment" (Tao & Li, ICLR 2025,
-arXiv 2409.08813), in the order of the paper, and nothing else.
+arXiv 2409.08813), in the paper's order, and nothing else: no files, flags, processes or checkpoints (lib/ holds
+those; the scripts train_sft.py, train_dpo.py, label.py and evaluate.py put the two together).
 
-    Eq. 1  Bradley-Terry preferences ......... preference_probability
-    Eq. 2  the KL-regularised objective, and the quantity every later equation is made of, log pi(y|x):
-           response_logps_plain (the definition), response_logps (the same number, memory-lean),
-           pair_logps (both responses of a pair, the prompt run once)
-    Eq. 3  DPO ................................ dpo_loss (sigmoid = DPO, with label smoothing = cDPO; ipo; hinge)
-    SFT    the reference policies ............. sft_loss
-    Eq. 4  the weak teacher: DPO on D_l ....... (train_dpo.py --teacher)
-    Eq. 5  the weak teacher's reward and label  implicit_reward, weak_labels, text_tie_break
-    Eq. 6  the student: DPO on weak labels .... (train_dpo.py --student --labels weak)
-    LoRA   (Hu et al. 2021) ................... LoRALinear, add_lora, lora_disabled, merge_lora,
-                                                split_lora_state_dict (the PEFT library's key names)
+    Eq. 1  Bradley-Terry preferences ............ preference_probability
+    Eq. 2  log pi(y|x), what every later equation is made of:
+             its definition ...................... response_logps_plain
+             the same number, memory-lean ........ response_logps (token_logps: the head only where a response
+                                                   token is predicted)
+             both responses of a pair ............ pair_logps (the prompt run once; pack_pairs draws a row)
+    Eq. 3  DPO .................................. dpo_loss (sigmoid = DPO, with label smoothing = cDPO; ipo; hinge)
+    SFT    the reference policies ............... sft_loss
+    Eq. 4  the weak teacher: Eq. 3 on D_l ....... (train_dpo.py --teacher)
+    Eq. 5  the weak reward and label ............ implicit_reward, prefers_first, text_tie_break
+    Eq. 6  the student: Eq. 3 on weak labels .... (train_dpo.py --student --labels weak)
+    LoRA   (Hu et al. 2021) ..................... LoRALinear, add_lora, lora_disabled, merge_lora, split_lora_state_dict
 
-Shapes: B pairs or sequences, T tokens, H hidden size, V vocabulary. Log-probs are fp32 sums over the
-response tokens (EOS included, no length normalisation). Files, flags, processes and checkpoints live in
-lib/; the scripts (train_sft.py, train_dpo.py, label.py, evaluate.py) put the two together.
-`python wlt.py prepare|estimate` hands off to lib/commands.py.
+Shapes: B pairs or sequences, T tokens, H hidden size, V vocabulary. Log-probs are fp32 sums over the response
+tokens (EOS included, no length normalisation).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -33,28 +31,13 @@ import torch.nn.functional as F
 IGNORE = -100  # label of the positions that are not response tokens (prompt and padding)
 
 
-class WltError(Exception):
-    """A user-facing error: the scripts print its message on one line and exit 1, without a traceback."""
-
-
-_warned: set = set()
-
-
-def warn_once(key, msg: str) -> None:
-    """Print a warning once per key, from the first process only (RANK 0 under torchrun)."""
-    if key not in _warned:
-        _warned.add(key)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"warning: {msg}", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Eq. 1  Bradley-Terry preferences: a human prefers y1 to y2 with probability
 #            P(y1 > y2 | x) = sigmoid(r(x, y1) - r(x, y2)),
 #        and RLHF fits a reward model r by maximising the log-likelihood of the human labels under it. DPO
 #        (Eq. 3) is the same likelihood with the implicit reward of the policy being trained in place of r: the
-#        teacher's in Eq. 4, the student's in Eq. 6. The synthetic world's simulated annotators are this model of
-#        an exact gold reward (lib/synthetic.py).
+#        teacher's in Eq. 4, the student's in Eq. 6. The synthetic world's simulated annotators draw their labels
+#        from this model of an exact gold reward (lib/synthetic.py).
 
 
 def preference_probability(reward_margin: float) -> float:
@@ -70,14 +53,12 @@ def preference_probability(reward_margin: float) -> float:
 # Eq. 2  The policy maximises E[r(x, y)] - beta * KL(pi(.|x) || pi_ref(.|x)). Its optimum is
 #        pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) +
 #        beta log Z(x): every later equation is made of log pi(y|x), the sum over the response tokens y_t of
-#        log p(y_t | x, y_<t). It is computed here three ways: the definition (response_logps_plain), the
-#        same number without ever building the [B, T, V] logits (response_logps), and for a preference
-#        pair with the prompt run once for both responses (pair_logps).
+#        log p(y_t | x, y_<t). First its definition; then the same number computed faster (the speed path).
 
 
 def pad_batch(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids, attention_mask), both [B, max length]: padded on the right, or on the left so that
-    every sequence ends in the last column (prompts continued by a KV cache)."""
+    every sequence ends in the last column (prompts continued by a KV cache when sampling)."""
     B, T = len(seqs), max(map(len, seqs))
     ids = torch.full((B, T), pad, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
@@ -91,24 +72,18 @@ def pad_batch(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torc
 def collate(seqs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
     """(prompt_ids, response_ids) sequences -> input_ids, attention_mask, labels, each [B, T], right-padded.
     labels = input_ids on the response tokens, IGNORE on prompt and padding: they say what log pi(y|x) sums."""
-    T = max(len(p) + len(r) for p, r in seqs)
-    B = len(seqs)
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    ids, mask = pad_batch([p + r for p, r in seqs], pad)
+    labels = torch.full_like(ids, IGNORE)
     for i, (p, r) in enumerate(seqs):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(r)
+        labels[i, len(p):len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_pairs(exs: list[dict], pad: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[dict], pad: int) -> dict[str, torch.Tensor]:
     """Tokenized pairs (prompt_ids, chosen_ids, rejected_ids) -> one batch of 2B sequences: the B chosen
     sequences, then the B rejected ones, so that both go through one forward."""
-    seqs = [(e["prompt_ids"], e["chosen_ids"]) for e in exs] + [(e["prompt_ids"], e["rejected_ids"]) for e in exs]
-    return collate(seqs, pad)
+    return collate([(e["prompt_ids"], e["chosen_ids"]) for e in pairs] +
+                   [(e["prompt_ids"], e["rejected_ids"]) for e in pairs], pad)
 
 
 def response_logps_plain(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -123,18 +98,21 @@ def response_logps_plain(model, input_ids: torch.Tensor, attention_mask: torch.T
     return (logp * (targets != IGNORE)).sum(-1)
 
 
-# The memory-lean kernel. The definition above builds [B, T, V] fp32 logits and a log-softmax of the same size
-# (and, in training, gradients of both): with V ~ 50k that is most of the memory, and prompt positions (~70%
-# of HH-RLHF tokens) pay for a projection nobody reads. Below, the model's body runs as usual and only the
-# hidden states that predict a response token reach the output head, in chunks, inside an autograd function
-# that recomputes each chunk's logits in backward: at no time does a [B, T, V] or [N, V] tensor exist, only
-# [chunk, V]. tests/test_kernel.py checks it against the definition, values and gradients, for 11 families.
+# ---- The speed path. Two changes to how log pi(y|x) is computed, none to the number (up to fp32 rounding):
+#   1. The definition builds [B, T, V] fp32 logits and a log-softmax of that size (and in training their
+#      gradients): with V ~ 50k that is most of the memory, and prompt positions (~70% of HH-RLHF's tokens)
+#      pay for a projection nobody reads. Below, the model's body runs as usual and only the hidden states that
+#      predict a response token reach the output head, a chunk of rows at a time, recomputed in backward
+#      (token_logps, response_logps). tests/test_kernel.py: test_lean_kernel_equals_full_softmax.
+#   2. A pair's two responses continue the same prompt: pack_pairs lays prompt + chosen + rejected out in one
+#      row, the prompt run once, and short pairs share a row (pair_logps).
+#      tests/test_kernel.py: test_shared_prompt_equals_unshared.
 
 LOGPS_CHUNK = 2 ** 23  # elements of the largest logits block, [chunk rows, V] (32 MB in fp32)
 
 # Families whose causal-LM forward is  logits = post(lm_head(base_model(...).last_hidden_state)), post one of:
 # None, ("softcap", config key) -> c * tanh(z / c), ("mul", key) -> z * s, ("div", key) -> z / s. Read off the
-# transformers source; any other model_type takes the plain path (one warning).
+# transformers source; any other model_type takes the plain path (lib/models.py says so before a run).
 HEAD_POST = {t: None for t in ("opt", "gpt2", "gpt_neox", "gpt_neo", "gptj", "llama", "mistral", "mixtral",
                                  "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3", "starcoder2")}
 HEAD_POST.update({"gemma2": ("softcap", "final_logit_softcapping"),
@@ -144,13 +122,11 @@ HEAD_POST.update({"gemma2": ("softcap", "final_logit_softcapping"),
 
 def head_of(model) -> dict | None:
     """What the kernel needs from a model's output head: {"weight": [V, H], "bias": [V] or None, "scale",
-    "softcap"}; None for a family outside HEAD_POST (plain path)."""
+    "softcap"}; None for a family outside HEAD_POST (the plain path)."""
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if kind not in HEAD_POST or not isinstance(head, nn.Linear):
-        warn_once(kind, f"model type {kind!r} is not known to the memory-lean log-prob kernel; using the plain "
-                        f"path (full [B, T, V] logits)")
         return None
     post, scale, softcap = HEAD_POST[kind], 1.0, None
     if post is not None:
@@ -171,43 +147,46 @@ def _chunk_logits(h: torch.Tensor, weight, bias, scale: float, softcap) -> torch
 
 
 class _TokenLogps(torch.autograd.Function):
-    """log softmax(post(scale * (h W^T + b)))[target] per row, `rows` rows at a time (see token_logps)."""
+    """log softmax(z)[target] per row, z = _chunk_logits, `rows` rows of logits at a time. Only the inputs are
+    saved: backward recomputes each chunk's logits, under the autocast state the forward ran in."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, bias, targets, scale, softcap, rows):
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], rows):
             z = _chunk_logits(h[s:s + rows], weight, bias, scale, softcap)
             out[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
-        ctx.save_for_backward(h, weight, bias, targets)  # the inputs only: each chunk's logits are recomputed
+        ctx.save_for_backward(h, weight, bias, targets)
         ctx.scale, ctx.softcap, ctx.rows = scale, softcap, rows
+        dev = h.device.type  # autocast is off when autograd runs a backward: record it here, re-enter it there
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         h, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
         gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
-        for s in range(0, h.shape[0], ctx.rows):
-            hs, g = h[s:s + ctx.rows], grad_out[s:s + ctx.rows].float()
-            z = _chunk_logits(hs, weight, bias, ctx.scale, ctx.softcap)
-            # d out / d z = onehot(target) - softmax(z), times the incoming gradient
-            dz = torch.softmax(z, dim=-1).mul_(-g[:, None])
-            dz.scatter_add_(1, targets[s:s + ctx.rows, None], g[:, None])
-            if ctx.softcap:  # z = c tanh(u / c)  ->  dz/du = 1 - (z / c)^2
-                dz.mul_(1 - (z / ctx.softcap) ** 2)
-            if ctx.scale != 1.0:
-                dz.mul_(ctx.scale)
-            if need_h:
-                gh[s:s + ctx.rows] = (dz.to(weight.dtype) @ weight).to(h.dtype)
-            if need_w:
-                gw += dz.t().to(hs.dtype) @ hs
-            if need_b:
-                gb += dz.sum(0)
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            for s in range(0, h.shape[0], ctx.rows):
+                hs, g = h[s:s + ctx.rows], grad_out[s:s + ctx.rows].float()
+                z = _chunk_logits(hs, weight, bias, ctx.scale, ctx.softcap)
+                # d out / d z = onehot(target) - softmax(z), times the incoming gradient
+                dz = torch.softmax(z, dim=-1).mul_(-g[:, None])
+                dz.scatter_add_(1, targets[s:s + ctx.rows, None], g[:, None])  # one target a row: no collisions
+                if ctx.softcap:  # z = c tanh(u / c)  ->  dz/du = 1 - (z / c)^2
+                    dz.mul_(1 - (z / ctx.softcap) ** 2)
+                if ctx.scale != 1.0:
+                    dz.mul_(ctx.scale)
+                if need_h:
+                    gh[s:s + ctx.rows] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    gw += dz.t().to(hs.dtype) @ hs
+                if need_b:
+                    gb += dz.sum(0)
         return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None,
                 None, None, None, None)
 
@@ -216,102 +195,56 @@ def token_logps(hidden: torch.Tensor, head: dict, targets: torch.Tensor, chunk: 
     """log p(target | hidden) at N selected positions: hidden [N, H] (each the state that predicts its target),
     targets [N] -> [N] fp32, p the model's own output distribution (head_of). A full log_softmax's numbers up to
     fp32 rounding (logit - logsumexp, not the same float operations: a few ulps apart), computed [chunk / V rows,
-    V] at a time, forward and backward."""
+    V] at a time, forward and backward (_TokenLogps): no [N, V] tensor exists."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
     rows = max(1, (chunk or LOGPS_CHUNK) // head["weight"].shape[0])
     return _TokenLogps.apply(hidden, head["weight"], head["bias"], targets, head["scale"], head["softcap"], rows)
 
 
-def _summed_logps(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, head: dict) -> torch.Tensor:
-    """pred [B, T, H]: the hidden state that predicts targets [B, T] at each position; mask [B, T] bool: the
-    response tokens. -> [B]: the summed log-probs of the masked targets (only those reach the head)."""
-    rows, cols = mask.nonzero(as_tuple=True)
-    lp = token_logps(pred[rows, cols], head, targets[rows, cols])
-    return torch.zeros(pred.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
-
-
-def _as_forward(model, fn, *args):
-    """Run fn(model, *args) as a forward of the model. The lean kernel runs the model's body, then reaches
-    into its output head; a sharded model (FSDP2) gathers the head's weights only inside a forward, so
-    lib/dist.py gives it a `wlt_forward` method registered as one. Elsewhere this is fn(model, *args)."""
-    fwd = getattr(model, "wlt_forward", None)
-    return fwd(fn, *args) if fwd is not None else fn(model, *args)
-
-
-def _lean_response_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    head = head_of(model)
-    if head is None:
-        return response_logps_plain(model, input_ids, attention_mask, labels)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]                                         # position t predicts token t + 1
-    return _summed_logps(hidden[:, :-1], targets, targets != IGNORE, head)
+def row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """values [N] laid out row by row where mask [S, L] is True, summed per row -> [S] fp32. A dense sum in a fixed
+    order: the same bits on every run (an index_add over repeated indices is not, on CUDA)."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values).sum(-1)
 
 
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor) -> torch.Tensor:
     """log pi(y|x): response_logps_plain's number without its [B, T, V] logits. [B, T] x 3 -> [B] fp32.
     Families outside HEAD_POST take the plain path."""
-    return _as_forward(model, _lean_response_logps, input_ids, attention_mask, labels)
-
-
-# Prompt sharing. A pair's two responses continue the same prompt: run the prompt once, then both responses
-# on top of its KV cache, P + Rc + Rr tokens through the body instead of 2P + Rc + Rr. Families whose
-# positions can be passed explicitly (left padding must not shift them); sliding-window and hybrid caches
-# (Gemma-2/3) are left out. Tested against the unshared computation, values and gradients.
-SHARE_PROMPT = {"opt", "gpt2", "gpt_neox", "gpt_neo", "llama", "mistral", "qwen2", "qwen3", "gemma"}
-
-
-@functools.lru_cache(maxsize=None)
-def _kv_cache_kwarg(forward_owner: type) -> str:
-    import inspect
-    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
-
-
-def kv_cache_kwarg(module) -> str:
-    """The keyword under which `module`'s forward takes a KV cache: `cache` in transformers 5.x (where
-    `past_key_values` is deprecated), `past_key_values` before."""
-    return _kv_cache_kwarg(type(module))
-
-
-def kv_cache_of(output):
-    """The KV cache a forward with use_cache=True returned (`cache` in transformers 5.x, `past_key_values` before)."""
-    return output.cache if hasattr(output, "cache") else output.past_key_values
-
-
-def _shared_pair_logps(model, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
-                       pad: int) -> torch.Tensor:
     head = head_of(model)
-    dev = head["weight"].device
-    # 1. the prompts, left-padded so that every prompt ends in the last column, once per pair
-    ids, pmask = (t.to(dev) for t in pad_batch(prompts, pad, left=True))
-    pos = (pmask.cumsum(-1) - 1).clamp(min=0)  # explicit positions: left padding must not shift them
-    out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
-    cache = kv_cache_of(out)
-    cache.batch_repeat_interleave(2)           # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
-    # 2. both responses of every pair on top of its cached prompt, right-padded
-    rids, rmask = (t.to(dev) for t in pad_batch([r for pair in zip(chosen, rejected) for r in pair], pad))
-    rpos = pmask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(rids.shape[1], device=dev)
-    hid = model.base_model(input_ids=rids, attention_mask=torch.cat([pmask.repeat_interleave(2, 0), rmask], 1),
-                           position_ids=rpos, use_cache=True, **{kv_cache_kwarg(model.base_model): cache}).last_hidden_state
-    # 3. response token j is predicted by the last prompt state (j = 0) or by response state j - 1
-    pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(2, 0), hid[:, :-1]], dim=1)  # [2B, R, H]
-    logps = _summed_logps(pred, rids, rmask.bool(), head)          # [2B]: chosen, rejected, chosen, ...
-    return torch.stack([logps[0::2], logps[1::2]], dim=-1)        # [B, 2], a new tensor: FSDP2 hooks need one
+    if head is None:
+        return response_logps_plain(model, input_ids, attention_mask, labels)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]                                         # [B, T-1]: position t predicts token t + 1
+    response = targets != IGNORE                                    # [B, T-1]
+    lp = token_logps(hidden[:, :-1][response], head, targets[response])   # [N], row by row
+    return row_sums(lp, response)
 
 
-# Packing. The cache path above pads every prompt of a batch to the longest prompt and all 2B responses to the
-# longest response: on multi-turn HH-RLHF prompts (14 to 388 tokens) that padding ate the sharing's saving.
-# Packed, a pair is one segment, prompt + chosen + rejected, whose rejected tokens see the prompt and each other
-# but not the chosen ones, their positions restarting where the prompt ends: the inputs of the cache path's
-# attention, in one forward. Segments share rows no longer than the batch's longest pair (first fit, longest
-# first), each seeing only itself, so that two short pairs fill the row one long pair needs instead of two
-# padded rows. It needs an attention that applies a given [R, 1, T, T] mask as is: PyTorch's SDPA
-# (transformers' default); eager and flash-attention take the cache path.
+# A pair packed into one row: prompt + chosen + rejected, each response seeing the prompt and itself, the rejected
+# one never the chosen one, its positions restarting where the prompt ends. Short pairs share a row (pack_rows),
+# each seeing only itself. One row holding pair a (prompt p1 p2, chosen c1 c2, rejected r1 r2) and pair b:
+#
+#     token       p1 p2 c1 c2 r1 r2 | q1 d1 s1 | pad
+#     position     0  1  2  3  2  3 |  0  1  1 |  0
+#     r2 sees      x  x  .  .  x  x |  .  .  . |  .      (x: visible)
+#     predicts    p2 c1 c2  -  r2 - | d1  -  - |
+#       (r1 is predicted by the last prompt state, p2's; s1 by q1's)
+#
+# That is the forward of both sequences (p c, p r) with the prompt computed once, and of each pair alone.
+
+SHARE_PROMPT = {"opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma"}  # take position_ids
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the parts of a pair's segment; -1 marks padding
 
 
-def can_pack(model) -> bool:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+def can_share_prompt(model) -> bool:
+    """Whether pair_logps can pack pairs for this model: a family that takes explicit positions, whose head the
+    kernel knows, under an attention that applies a given [R, 1, T, T] mask (SDPA, transformers' default, or
+    eager; flash attention takes no mask)."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) in SHARE_PROMPT and head_of(model) is not None
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
 def pack_rows(lengths: list[int]) -> list[list[int]]:
@@ -328,67 +261,73 @@ def pack_rows(lengths: list[int]) -> list[list[int]]:
     return rows
 
 
-def _packed_pair_logps(model, exs: list[dict], pad: int) -> torch.Tensor:
-    head = head_of(model)
-    dev = head["weight"].device
-    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs]
-    packing = pack_rows(lengths)
-    R, T = len(packing), max(lengths)
+def pack_pairs(pairs: list[dict], pad: int, device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B tokenized pairs -> (the model's inputs: input_ids and position_ids [R, T], attention_mask [R, 1, T, T]
+    bool; the states that predict the response tokens, as an index into [R * T], [N]; those tokens, [N]; which
+    of them belong to which response, [2B, L] bool: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...)."""
+    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs]
+    layout = pack_rows(lengths)
+    R, T = len(layout), max(lengths)
     ids = torch.full((R, T), pad, dtype=torch.long)
     pos = torch.zeros((R, T), dtype=torch.long)
-    sees = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # [R, T, T]; a padding position sees itself
-    rows, cols, targets, which = [], [], [], []  # the state predicting each response token, and its pair/side
-    for row, members in enumerate(packing):
-        o = 0  # where the segment starts in its row
+    owner = torch.full((R, T), -1, dtype=torch.long)  # the pair each token belongs to
+    part = torch.full((R, T), -1, dtype=torch.long)   # PROMPT, CHOSEN or REJECTED
+    pred = [None] * len(pairs)                          # per pair: the predicting states of chosen, of rejected
+    for row, members in enumerate(layout):
+        o = 0  # where the next segment starts in the row
         for i in members:
-            e = exs[i]
+            e = pairs[i]
             p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
-            ids[row, o:o + p + c + r] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
-            pos[row, o:o + p + c] = torch.arange(p + c)
-            pos[row, o + p + c:o + p + c + r] = torch.arange(p, p + r)  # the rejected response continues the prompt
-            sees[row, o:o + p + c, o:o + p + c] = torch.ones(p + c, p + c, dtype=torch.bool).tril()
-            sees[row, o + p + c:o + p + c + r, o:o + p] = True          # the prompt, not the chosen response
-            sees[row, o + p + c:o + p + c + r, o + p + c:o + p + c + r] = torch.ones(r, r, dtype=torch.bool).tril()
-            rows += [row] * (c + r)
-            # chosen token j is predicted by state p-1+j; rejected token 0 by the last prompt state, j by p+c+j-1
-            cols += [o + k for k in list(range(p - 1, p + c - 1)) + [p - 1] + list(range(p + c, p + c + r - 1))]
-            targets += e["chosen_ids"] + e["rejected_ids"]
-            which += [2 * i] * c + [2 * i + 1] * r
+            seg = slice(o, o + p + c + r)
+            ids[row, seg] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
+            pos[row, seg] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])  # rejected continues the prompt
+            part[row, seg] = torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * r)
+            owner[row, seg] = i
+            # the state before a token predicts it; the rejected response's first token: the prompt's last state
+            first = row * T + o  # the segment's first state, as an index into the flattened [R * T] states
+            pred[i] = (first + torch.arange(p - 1, p + c - 1),
+                       first + torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)]))
             o += p + c + r
-    hid = model.base_model(input_ids=ids.to(dev), attention_mask=sees[:, None].to(dev), position_ids=pos.to(dev),
-                           use_cache=False).last_hidden_state
-    lp = token_logps(hid[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)], head,
-                     torch.tensor(targets, device=dev))
-    logps = torch.zeros(2 * len(exs), dtype=torch.float32, device=dev).index_add(0, torch.tensor(which, device=dev), lp)
-    return torch.stack([logps[0::2], logps[1::2]], dim=-1)        # [B, 2]
+    # the mask, built where the model runs: a token sees the earlier tokens of its own pair, except that a
+    # rejected token does not see the chosen response; a padding position sees itself (else its softmax is 0/0)
+    owner, part = owner.to(device), part.to(device)
+    col = torch.arange(T, device=device)
+    sees = ((owner[:, :, None] == owner[:, None, :]) & (col[:, None] >= col[None, :])
+            & ~((part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)))
+    sees |= (owner < 0)[:, :, None] & torch.eye(T, dtype=torch.bool, device=device)
+    inputs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "attention_mask": sees[:, None]}
+    states = torch.cat([s for chosen, rejected in pred for s in (chosen, rejected)])
+    targets = torch.tensor([t for e in pairs for t in e["chosen_ids"] + e["rejected_ids"]], dtype=torch.long)
+    n = torch.tensor([len(e[k]) for e in pairs for k in ("chosen_ids", "rejected_ids")])      # [2B]
+    response = torch.arange(int(n.max()))[None, :] < n[:, None]                                 # [2B, L]
+    return inputs, states.to(device), targets.to(device), response.to(device)
 
 
-def _pair_logps(model, exs: list[dict], pad: int, share: bool) -> torch.Tensor:
-    if share and can_pack(model):
-        return _packed_pair_logps(model, exs, pad)
-    if share:
-        return _shared_pair_logps(model, [e["prompt_ids"] for e in exs], [e["chosen_ids"] for e in exs],
-                                  [e["rejected_ids"] for e in exs], pad)
-    dev = next(model.parameters()).device
-    b = {k: v.to(dev) for k, v in collate_pairs(exs, pad).items()}
-    return torch.stack(_lean_response_logps(model, **b).chunk(2), dim=-1)
-
-
-def can_share_prompt(model) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) in SHARE_PROMPT and head_of(model) is not None
-
-
-def pair_logps(model, exs: list[dict], pad: int, share_prompt: bool | None = None) -> torch.Tensor:
+def pair_logps(model, pairs: list[dict], pad: int, share_prompt: bool | None = None) -> torch.Tensor:
     """[B, 2]: log pi(chosen | x), log pi(rejected | x) of B tokenized pairs (prompt_ids, chosen_ids,
-    rejected_ids). share_prompt (default: when the family allows it) runs each prompt once for both responses;
-    the same numbers as response_logps on collate_pairs, up to float rounding, with or without gradients."""
+    rejected_ids). share_prompt (default: can_share_prompt) packs each pair into one row, its prompt run once for
+    both responses; else the 2B sequences go through whole (response_logps on collate_pairs). The same numbers
+    either way, up to fp32 rounding, with or without gradients."""
     if share_prompt is None:
         share_prompt = can_share_prompt(model)
     elif share_prompt and not can_share_prompt(model):
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        raise WltError(f"prompt sharing is not supported for model type {kind!r} (supported: "
-                       f"{', '.join(sorted(SHARE_PROMPT))}); use --share-prompt off or auto")
-    return _as_forward(model, _pair_logps, exs, pad, share_prompt)
+        raise ValueError(f"pair_logps: prompt sharing is not supported for this model "
+                         f"({getattr(model.config, 'model_type', None)!r}, {model.config._attn_implementation!r})")
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs)
+    if not share_prompt or (window and longest > window):  # a given mask would lift the sliding window
+        dev = next(model.parameters()).device
+        batch = {k: v.to(dev) for k, v in collate_pairs(pairs, pad).items()}
+        return torch.stack(response_logps(model, **batch).chunk(2), dim=-1)
+    head = head_of(model)
+    inputs, states, targets, response = pack_pairs(pairs, pad, head["weight"].device)
+    if cfg._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, device=states.device).masked_fill_(
+            ~inputs["attention_mask"], torch.finfo(torch.float32).min)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state               # [R, T, H]
+    lp = token_logps(hidden.flatten(0, 1)[states], head, targets)                         # [N]
+    return row_sums(lp, response).view(-1, 2)                                             # [B, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,14 +388,14 @@ def sft_loss(logps: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Eq. 4  The weak teacher pi_w: DPO of the small model on the human-labeled D_l, from pi_ref = its SFT
-#        model. train_dpo.py --teacher. Nothing new to compute: dpo_loss over D_l.
+# Eq. 4  The weak teacher pi_w: DPO (Eq. 3) of the small model on the human-labeled D_l, from pi_ref = its SFT
+#        model. train_dpo.py --teacher; nothing new to compute, only other data than Eq. 6 reads.
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Eq. 5  The weak teacher's reward of a response,  r(x, y) = beta log(pi_w(y|x) / pi_ref(y|x)),  and its label:
-#        of the two responses of an unlabeled pair, the one with the higher reward is "chosen". label.py is
-#        these two functions applied to pair_logps of pi_w and of pi_ref.
+#        of the two responses y1, y2 of an unlabeled pair, the one with the higher reward is "chosen". label.py
+#        is these functions applied to pair_logps under pi_w and under pi_ref.
 
 
 def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -466,26 +405,25 @@ def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: f
     return beta * (policy_logps - ref_logps)
 
 
-def weak_labels(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, tie_break: torch.Tensor) -> torch.Tensor:
-    """[B] bool: True when the weak teacher prefers the input's "chosen" response (the higher reward).
-    Inputs [B] rewards; tie_break [B] bool, the answer on an exact tie (text_tie_break). The input order is the
-    human label: breaking ties by it would let a teacher that cannot tell two responses apart (pi_w == pi_ref,
-    say) copy the human labels."""
-    return torch.where(chosen_rewards == rejected_rewards, tie_break, chosen_rewards > rejected_rewards)
+def prefers_first(reward_1: torch.Tensor, reward_2: torch.Tensor, tie_break: torch.Tensor) -> torch.Tensor:
+    """The weak label: [B] bool, True where the teacher's chosen response is y1 (the higher reward). Inputs: the
+    rewards of y1 and y2, [B] each; tie_break [B] bool, the answer on an exact tie (text_tie_break). When y1 is
+    the response the humans chose, breaking ties by that order would let a teacher that cannot tell two
+    responses apart (pi_w == pi_ref, say) copy the human labels."""
+    return torch.where(reward_1 == reward_2, tie_break, reward_1 > reward_2)
 
 
-def text_tie_break(chosen: str, rejected: str) -> bool:
-    """The answer to an exact tie (True: the input's chosen wins). A fixed hash of the unordered pair of texts
-    picks the winning text, so the label does not depend on the order the humans gave: swapping chosen and
-    rejected in the input names the same winner."""
-    first, second = sorted((chosen, rejected))
+def text_tie_break(y1: str, y2: str) -> bool:
+    """The answer to an exact tie (True: y1 wins). A fixed hash of the unordered pair of texts picks the winning
+    text, so the label does not depend on the order the pair came in: swapping y1 and y2 names the same winner."""
+    first, second = sorted((y1, y2))
     first_wins = hashlib.sha256((first + "\0" + second).encode()).digest()[0] < 128
-    return first_wins == (chosen == first)
+    return first_wins == (y1 == first)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Eq. 6  The student pi_weak: DPO of the bigger model on D_u labeled by the weak teacher, from its own SFT model.
-#        train_dpo.py --student --labels weak; the control pi_human is the same run on D_u's human labels
+# Eq. 6  The student pi_weak: DPO (Eq. 3) of the bigger model on D_u labeled by the weak teacher, from its own SFT
+#        model. train_dpo.py --student --labels weak; the control pi_human is the same run on D_u's human labels
 #        (--labels human).
 
 
@@ -557,13 +495,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
     """Replace the target linear layers of `model` by LoRALinear and freeze everything else. Returns the model.
 
     targets: module-name suffixes (PEFT's matching rule); default LORA_TARGETS[config.model_type]. The adapter's
-    settings are recorded as model.wlt_lora, for saving and merging. A is random: seed before calling it."""
+    settings are recorded as model.wlt_lora, for saving and merging. A is random: seed before calling it.
+    ValueError for a family without default targets, or targets that match no linear layer."""
     from transformers.pytorch_utils import Conv1D
     if targets is None:
         mt = getattr(getattr(model, "config", None), "model_type", None)
         if mt not in LORA_TARGETS:
-            raise WltError(f"no default LoRA targets for model type {mt!r}; pass --lora-targets "
-                           f"(known: {', '.join(sorted(LORA_TARGETS))})")
+            raise ValueError(f"no default LoRA targets for model type {mt!r} (known: {', '.join(sorted(LORA_TARGETS))})")
         targets = LORA_TARGETS[mt]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -578,7 +516,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
         setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
         replaced.append(name)
     if not replaced:
-        raise WltError(f"LoRA targets {targets} match no linear layer of this model")
+        raise ValueError(f"LoRA targets {targets} match no linear layer of this model")
     fan = {n: model.get_submodule(n).fan_in_fan_out for n in replaced}  # per module: Conv1D or nn.Linear
     model.wlt_lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
                       "fan_in_fan_out": any(fan.values()), "modules": fan}

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root
 import wlt  # noqa: E402
-from lib import dist, files, resumable  # noqa: E402
+from lib import dist, files  # noqa: E402
+from lib.data import in_batches  # noqa: E402
 
 SHAPES = {  # the model shapes of the paper's teacher class (published configs), random weights
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -267,7 +268,7 @@ def work_label(args, side: str, dev) -> dict:
             return torch.cat([full_logits_logps(pi_w, exs, pad, dev), full_logits_logps(pi_ref, exs, pad, dev)], 1)
     else:  # label.py: length-bucketed batches, prompt shared, lean head
         lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
-        batches = resumable.in_batches(lengths, args.label_batch)
+        batches = in_batches(lengths, args.label_batch)
 
         def run(idx):
             exs = [pairs[i] for i in idx]

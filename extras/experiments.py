@@ -34,12 +34,12 @@ import sys
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's root
 sys.path.insert(0, ROOT_DIR)
-import wlt  # noqa: E402
 from lib import runs, synthetic  # noqa: E402
-from lib.console import log, run_main  # noqa: E402
+from lib.console import WltError, log  # noqa: E402
 from lib.data import relabeled_row, swap_pair  # noqa: E402
 from lib.files import iter_jsonl, write_json, write_jsonl, write_text  # noqa: E402
 from lib.models import load_model, load_tokenizer  # noqa: E402
+from lib.signals import run_main
 EXPERIMENTS = ["fractions", "teachers", "subsets", "beta", "seeds", "sft-ref"]
 DEFAULT_VALUES = {"fractions": "0.0625,0.125,0.25,0.5", "beta": "0.1,0.25,0.5,1.0", "seeds": "22,23,24,25,26",
                   "teachers": "1x32,2x64,4x128"}
@@ -59,7 +59,7 @@ def stage(script: str, *argv: str) -> None:
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                             os.path.join(ROOT_DIR, script), *argv])
         if p.returncode != 0:
-            raise wlt.WltError(f"{script} {' '.join(argv)} failed (exit code {p.returncode}; its output above)")
+            raise WltError(f"{script} {' '.join(argv)} failed (exit code {p.returncode}; its output above)")
         return
     saved = sys.argv
     sys.argv = [script, *argv]
@@ -78,7 +78,7 @@ def pipeline(preset: str, run: str, **env) -> str:
     log(f"experiments: pipeline {run} ({', '.join(f'{k}={v}' for k, v in env.items()) or 'defaults'})")
     p = subprocess.run(["bash", os.path.join(ROOT_DIR, "launch.sh"), preset], env=e)
     if p.returncode != 0:
-        raise wlt.WltError(f"the pipeline in {run} failed (launch.sh {preset}, exit code {p.returncode}; its output above)")
+        raise WltError(f"the pipeline in {run} failed (launch.sh {preset}, exit code {p.returncode}; its output above)")
     return run
 
 

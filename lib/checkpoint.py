@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib.console import log, one_line, rank, world_size
+from lib.console import WltError, log, one_line
+from lib.dist import rank, world_size
 from lib.dist import barrier
 from lib.files import atomic_write, read_json, remove_dir, write_json
 
@@ -152,21 +153,24 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     from safetensors.torch import load_file
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
-        raise wlt.WltError(f"{adapter_dir}: no adapter_config.json")
+        raise WltError(f"{adapter_dir}: no adapter_config.json")
     try:
         cfg = read_json(cfg_path)
         r, alpha, targets = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
     except (json.JSONDecodeError, KeyError) as e:
-        raise wlt.WltError(f"{cfg_path}: not a LoRA adapter config ({one_line(e)})") from None
+        raise WltError(f"{cfg_path}: not a LoRA adapter config ({one_line(e)})") from None
     if not isinstance(targets, list):  # PEFT also allows a regex string; this project writes lists
-        raise wlt.WltError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
-    wlt.add_lora(model, r, alpha, 0.0, targets)
+        raise WltError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    try:
+        wlt.add_lora(model, r, alpha, 0.0, targets)
+    except ValueError as e:  # its targets match nothing here: an adapter of another model
+        raise WltError(f"{adapter_dir}: adapter does not fit this model ({e})") from None
     sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     own = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
     expected = {k for k, _ in model.named_parameters() if ".lora_A." in k or ".lora_B." in k}
     missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
     if missing or unexpected:
-        raise wlt.WltError(f"{adapter_dir}: adapter does not fit this model "
+        raise WltError(f"{adapter_dir}: adapter does not fit this model "
                            f"(missing {missing[:1]}, unexpected {unexpected[:1]})")
     model.load_state_dict(own, strict=False)  # strict=False: the base weights are not in the adapter
     return model
@@ -210,7 +214,7 @@ def require_dcp():
     except ImportError:
         ok = False
     if not ok:
-        raise wlt.WltError(f"mid-run checkpoints (--save-every, --resume) need a torch whose "
+        raise WltError(f"mid-run checkpoints (--save-every, --resume) need a torch whose "
                            f"torch.distributed.checkpoint has HuggingFaceStorageWriter(save_distributed=...) "
                            f"(tested with 2.13); this is torch {torch.__version__}: upgrade torch, or pass --save-every 0")
     return dcp, HuggingFaceStorageWriter, HuggingFaceStorageReader
@@ -263,12 +267,12 @@ def _dcp_call(fn, what: str, path: str, **kw) -> None:
         failures = getattr(e, "failures", None)  # {rank: (exception, traceback)}
         if failures:
             r, (exc, _) = min(failures.items())
-            if not isinstance(exc, Exception):  # a stop signal (lib.console.Interrupted) inside DCP: pass it on
+            if not isinstance(exc, Exception):  # a stop signal (lib.signals.Interrupted) inside DCP: pass it on
                 raise exc from None
             msg = f"rank {r}: {one_line(exc)}"
         else:
             msg = one_line(e)
-        raise wlt.WltError(f"{path}: cannot {what} the checkpoint ({msg})"
+        raise WltError(f"{path}: cannot {what} the checkpoint ({msg})"
                            + ("; remove it or run without --resume" if what == "read" else "")) from None
     finally:
         logging.getLogger().removeFilter(drop)
@@ -347,6 +351,16 @@ def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[st
     return found, step
 
 
+def resume(out_dir: str, model: nn.Module, opt, sched, settings: dict, inputs: dict) -> int:
+    """--resume: restore the newest checkpoint in out_dir made with the same settings and inputs (weights,
+    optimizer, schedule, RNG) and return its step, the data position (the batch plan is fixed by the seed); 0 when
+    there is none. A collective: every rank must call it."""
+    path, step = checkpoint_to_resume(out_dir, settings, inputs)
+    if path:
+        load_checkpoint(path, model, opt, sched)
+    return step
+
+
 def load_checkpoint(path: str, model: nn.Module, opt, sched) -> None:
     """Restore model (trainable parameters), optimizer, scheduler and this rank's RNG from save_checkpoint's
     folder. Each rank reads only the slices of the shard files that it holds. A collective: every rank must
@@ -392,19 +406,19 @@ def save_ref_logps(out_dir: str, key: dict, train: torch.Tensor, evals: torch.Te
     barrier()
 
 
-def load_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The cached reference log-probs when they were made with the same key, else (None, None)."""
+def load_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached reference log-probs (train, eval) when they were made with the same key, else None."""
     from safetensors import safe_open
     path = os.path.join(out_dir, REF_LOGPS)
     try:
         with safe_open(path, "pt") as f:
             if f.metadata().get("key") != json.dumps(json.loads(json.dumps(key)), sort_keys=True):
                 log(f"{path}: made with other settings or inputs; computing the reference again")
-                return None, None
+                return None
             train, evals = f.get_tensor("train"), f.get_tensor("eval")
     except Exception as e:  # missing or unreadable (any safetensors error): compute it again
         if os.path.exists(path):
             log(f"{path}: unreadable ({one_line(e)}); computing the reference again")
-        return None, None
+        return None
     log(f"{path}: reference log-probs reused")
     return train, evals

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from lib import estimate, prepare
-from lib.console import HelpFormatter, check_ranges, run_main
+from lib.console import HelpFormatter, check_ranges
+from lib.signals import run_main
 
 
 def main() -> None:

@@ -22,8 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import wlt
-from lib.console import log, progress
+from lib.console import WltError, log, progress
 from lib.files import iter_jsonl
 
 
@@ -37,7 +36,7 @@ class Skips:
     def add(self, reason: str, loc: str, policy: bool = False) -> None:
         """Count a skipped row. policy=True: a documented filter (e.g. the length limit), never an error."""
         if self.strict and not policy:
-            raise wlt.WltError(f"{loc}: {reason} (--strict turns skips into errors)")
+            raise WltError(f"{loc}: {reason} (--strict turns skips into errors)")
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.where.setdefault(reason, [])
         if len(self.where[reason]) < 5:
@@ -226,10 +225,10 @@ def read_prompts(path: str) -> list:
         if row_layout(row) == "implicit":  # the prompt is the conversations' shared opening
             try:
                 p = row_to_pair(row, f"{path}:{i}", skips)["prompt"]
-            except wlt.WltError as e:
-                raise wlt.WltError(str(e).replace(" (--strict turns skips into errors)", "")) from None
+            except WltError as e:
+                raise WltError(str(e).replace(" (--strict turns skips into errors)", "")) from None
         elif not (isinstance(p, str) or (is_messages(p) and p)):
-            raise wlt.WltError(f'{path}:{i}: no "prompt" field (a string or a list of messages)')
+            raise WltError(f'{path}:{i}: no "prompt" field (a string or a list of messages)')
         prompts.append(p)
     return prompts
 
@@ -241,7 +240,7 @@ def _local_source_files(path: str) -> dict[str, list[str]]:
     if os.path.isfile(path):
         return {"train": [path], "test": []}
     if not os.path.isdir(path):
-        raise wlt.WltError(f"{path}: no such file or folder (sources: hh-rlhf, tldr, synthetic, or a local path)")
+        raise WltError(f"{path}: no such file or folder (sources: hh-rlhf, tldr, synthetic, or a local path)")
     out = {"train": [], "test": []}
     for root, _, files in sorted(os.walk(path)):
         for fn in sorted(files):
@@ -254,7 +253,7 @@ def _local_source_files(path: str) -> dict[str, list[str]]:
             else:  # e.g. hh-rlhf's red-team-attempts/red_team_attempts.jsonl.gz (another schema)
                 log(f"{os.path.join(root, fn)}: ignored (neither it nor its folder is named train* or test*)")
     if not out["train"] and not out["test"]:
-        raise wlt.WltError(f"{path}: no train*/test* .jsonl, .jsonl.gz or .parquet files in this folder")
+        raise WltError(f"{path}: no train*/test* .jsonl, .jsonl.gz or .parquet files in this folder")
     return out
 
 
@@ -263,12 +262,12 @@ def _file_rows(path: str):
     .json or .parquet file, read through `datasets` (row numbers)."""
     if path.endswith((".parquet", ".json")):
         if not os.path.isfile(path):
-            raise wlt.WltError(f"{path}: no such file")
+            raise WltError(f"{path}: no such file")
         import datasets  # pyarrow comes with it
         try:
             ds = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
         except Exception as e:  # malformed JSON, a schema pyarrow cannot hold, ...
-            raise wlt.WltError(f"{path}: cannot be read as a table of rows ({type(e).__name__}: "
+            raise WltError(f"{path}: cannot be read as a table of rows ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
         for i, row in enumerate(ds, 1):
             yield i, row
@@ -298,14 +297,14 @@ def _hub_splits(src: str, config: str | None, splits: dict[str, str | None]) -> 
         ds = datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
     except Exception as e:  # offline, no access, a set that needs a config, ...
         local = "" if src in HUB_PRESETS else f"no local file or folder {src!r}, and "
-        raise wlt.WltError(f"{local}could not load {name}{f' ({config})' if config else ''} from the hub "
+        raise WltError(f"{local}could not load {name}{f' ({config})' if config else ''} from the hub "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); download it "
                            f"elsewhere and pass its local folder or file to --data") from None
     out = {}
     for part, split in splits.items():
         if split and split not in ds:
             if part == "train" or split != "test":  # an explicitly named split must exist
-                raise wlt.WltError(f"{name}: no split {split!r} (splits: {', '.join(ds)}); choose one with "
+                raise WltError(f"{name}: no split {split!r} (splits: {', '.join(ds)}); choose one with "
                                    f"--{part}-split")
             split = None  # the default test split is optional: prepare carves one
         out[part] = (f"{name}/{split}", ds[split]) if split else None
@@ -357,7 +356,7 @@ def load_source(src: str, skips: Skips, locs: dict | None = None, layouts: dict 
 def require_chat_template(tok, what: str) -> None:
     """Conversational data needs the tokenizer's chat template: a one-line error without one."""
     if not getattr(tok, "chat_template", None):
-        raise wlt.WltError(f"{what}: conversational rows need a chat template, and tokenizer "
+        raise WltError(f"{what}: conversational rows need a chat template, and tokenizer "
                            f"{getattr(tok, 'name_or_path', '')!r} has none; use a chat model's tokenizer, or "
                            f"string pairs")
 
@@ -408,7 +407,7 @@ def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokeni
     prompt + responses gets empty lists and its reason under "skip" (usable_pairs counts it)."""
     eos = tok.eos_token_id
     if eos is None:
-        raise wlt.WltError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one")
+        raise WltError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one")
     if any(is_conversational(p) for p in pairs):
         require_chat_template(tok, desc)
     out, fallbacks = [], 0
@@ -499,6 +498,14 @@ def usable_pairs(exs: list[dict], locs: list[str], max_len: int, skips: Skips, r
             exs[i] = f
             kept.append(i)
     return kept
+
+
+def in_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Positions 0..len(lengths)-1 in batches of similar length, longest first (less padding). Fixed by the
+    data alone, so the work, and every number in it, is the same for any number of processes and across a
+    resumed run."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + size] for s in range(0, len(order), size)]
 
 
 def pad_id(tok) -> int:

@@ -7,11 +7,19 @@ import functools
 import math
 import os
 import random
+import sys
 
 import torch
 import torch.nn as nn
 
-from lib.console import rank, world_size
+
+def rank() -> int:
+    """This process's global rank under torchrun (0 in a plain `python` run)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def device() -> torch.device:
@@ -123,13 +131,21 @@ def shard_model(model: nn.Module, dev: torch.device, dtype: str = "auto") -> nn.
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    # wlt's log-prob kernel runs the body, then reaches into the output head: both inside one FSDP forward
-    model.wlt_forward = functools.partial(_call_with_model, model)
+    model.wlt_forward = _call  # in_forward runs the log-prob kernel through it
     register_fsdp_forward_method(model, "wlt_forward")
     return model
 
 
-def _call_with_model(model, fn, *args):
+def _call(thunk):
+    return thunk()
+
+
+def in_forward(model: nn.Module, fn, *args):
+    """fn(model, *args), run as a forward of the model. The log-prob kernel (wlt.response_logps, wlt.pair_logps)
+    runs the model's body, then reaches into its output head; FSDP2 gathers the root unit's weights (embeddings,
+    head) only inside a forward, so shard_model registers `wlt_forward` as one. One process: the plain call."""
+    if hasattr(model, "wlt_forward"):
+        return model.wlt_forward(functools.partial(fn, model, *args))
     return fn(model, *args)
 
 
@@ -152,6 +168,20 @@ def full_state_dict(model: nn.Module) -> dict:
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if rank() == 0 else {}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def leave_process_group() -> None:
+    """End a finished multi-process run: wait until every rank is done, then leave without the C++ teardown.
+    Left to that teardown (destroying the process group explicitly or at interpreter exit), a rank of a
+    finished, successful gloo run occasionally aborts with "terminate called without an active exception"
+    (exit code -6; seen in CI and in the test suite, too rarely to reproduce on demand), and torchrun then
+    reports the whole run as failed. Every output file is complete and closed when main() returns, so after
+    the barrier there is nothing left to do but flush the console and exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def per_rank(values: list[float]) -> list[list[float]]:

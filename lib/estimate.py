@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib.console import one_line
+from lib.console import WltError, one_line
 from lib.dist import transformer_blocks
 
 # Published configs of the paper's models, so the estimate works without the hub (a local folder or config.json
@@ -47,7 +47,7 @@ def model_config(name: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise wlt.WltError(f"no config for {name!r} (a folder, a config.json, or one of {', '.join(KNOWN_CONFIGS)}): "
+        raise WltError(f"no config for {name!r} (a folder, a config.json, or one of {', '.join(KNOWN_CONFIGS)}): "
                            f"{one_line(e)}") from None
 
 

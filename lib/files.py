@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 
-import wlt
+from lib.console import WltError
 
 
 def atomic_write(path: str, write_fn) -> None:
@@ -63,18 +63,18 @@ def _lines(path: str):
                 try:
                     yield i, raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise wlt.WltError(f"{path}:{i}: not valid UTF-8 (byte {e.start + 1} of the line); save the "
+                    raise WltError(f"{path}:{i}: not valid UTF-8 (byte {e.start + 1} of the line); save the "
                                        f"file as UTF-8") from None
     except (OSError, EOFError) as e:  # gzip's BadGzipFile is an OSError; a cut .gz ends in EOFError
-        raise wlt.WltError(f"{path}: cannot be read ({' '.join(str(e).split()) or type(e).__name__})") from None
+        raise WltError(f"{path}: cannot be read ({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
 def check_file(path: str) -> None:
     """A one-line error unless `path` is a file: a folder given for a file, or a missing file."""
     if os.path.isdir(path):
-        raise wlt.WltError(f"{path}: a folder, not a file; give a .jsonl file")
+        raise WltError(f"{path}: a folder, not a file; give a .jsonl file")
     if not os.path.isfile(path):
-        raise wlt.WltError(f"{path}: no such file")
+        raise WltError(f"{path}: no such file")
 
 
 def iter_jsonl(path: str):
@@ -86,10 +86,23 @@ def iter_jsonl(path: str):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise wlt.WltError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            raise WltError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise wlt.WltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            raise WltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         yield i, row
+
+
+def appended_rows(path: str) -> list:
+    """The rows of a JSON-lines file that a process appends to as it works (metrics.jsonl, OUT.partial/rank-N.jsonl),
+    in order. A kill can cut its last line: that one (or any line that does not parse) is left out."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def remove_dir(path: str) -> None:

@@ -8,20 +8,20 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib.console import log, one_line, rank, world_size
-from lib.dist import device, enable_activation_checkpointing, init_distributed, set_seed, shard_model
+from lib.console import WltError, log, one_line, warn_once
+from lib.dist import device, enable_activation_checkpointing, rank, set_seed, shard_model, world_size
 
 
 def check_model_dir(path: str) -> None:
     """A clear error for a local model folder that is missing or has no weights (hub names pass through)."""
     if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
-        raise wlt.WltError(f"{path}: no such model folder")
+        raise WltError(f"{path}: no such model folder")
     if os.path.isdir(path):
         names = os.listdir(path)
         if "config.json" not in names:
-            raise wlt.WltError(f"{path}: not a model folder (no config.json)")
+            raise WltError(f"{path}: not a model folder (no config.json)")
         if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
-            raise wlt.WltError(f"{path}: model folder without weights (no *.safetensors)")
+            raise WltError(f"{path}: model folder without weights (no *.safetensors)")
         check_weights(path, names)
 
 
@@ -35,11 +35,11 @@ def check_weights(path: str, names: list[str]) -> None:
                 with safe_open(os.path.join(path, n), "pt"):
                     pass
             except (SafetensorError, OSError) as e:
-                raise wlt.WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save "
+                raise WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save "
                                    f"the model again") from None
 
 
-def load_error(what: str, path: str, e: Exception) -> wlt.WltError:
+def load_error(what: str, path: str, e: Exception) -> WltError:
     """One line for a model or tokenizer that cannot be loaded. The hub's usual cases are named with what to do
     (transformers wraps them in an OSError whose cause is huggingface_hub's error): a gated model (Llama,
     Mistral, Gemma) without a login, a name that is neither a folder nor a hub model, no cached copy offline."""
@@ -49,16 +49,16 @@ def load_error(what: str, path: str, e: Exception) -> wlt.WltError:
         x = x.__cause__ or x.__context__
     text = str(e)
     if "GatedRepoError" in chain or "gated repo" in text:
-        return wlt.WltError(f"{path}: a gated model on the Hugging Face hub; request access on "
+        return WltError(f"{path}: a gated model on the Hugging Face hub; request access on "
                             f"https://huggingface.co/{path}, then log in (`hf auth login`) or set HF_TOKEN to a "
                             f"token that has it")
     if "RepositoryNotFoundError" in chain or "not a valid repository name" in text:
-        return wlt.WltError(f"{path}: no such local folder, and no {what} of that name on the Hugging Face hub (a "
+        return WltError(f"{path}: no such local folder, and no {what} of that name on the Hugging Face hub (a "
                             f"private one needs a login: `hf auth login`, or HF_TOKEN)")
     if "LocalEntryNotFoundError" in chain or "couldn't connect to" in text:
-        return wlt.WltError(f"{path}: not in the local hub cache, and the hub cannot be reached (offline or "
+        return WltError(f"{path}: not in the local hub cache, and the hub cannot be reached (offline or "
                             f"HF_HUB_OFFLINE=1); download it where the hub is reachable, or pass a local folder")
-    return wlt.WltError(f"cannot load {what} {path!r}: {one_line(e)}")
+    return WltError(f"cannot load {what} {path!r}: {one_line(e)}")
 
 
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
@@ -106,24 +106,28 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise load_error("tokenizer", path, e) from None
 
 
-def share_prompt_setting(flag: str, model, activation_checkpointing: bool = False) -> bool:
-    """--share-prompt auto|on|off, resolved once for `model`: whether a pair's prompt runs once for both
-    responses (wlt.pair_logps). auto: where the family allows it (wlt.can_share_prompt); on for a family that
-    cannot share: a one-line error. Under SDPA a pair is packed into one row (wlt.can_pack), which activation
-    checkpointing recomputes like any other input; other attention implementations share through a KV cache
-    written inside each block's forward, which a checkpointed block would write again when recomputed: there
-    activation checkpointing runs every sequence whole."""
-    if activation_checkpointing and not wlt.can_pack(model):
-        if flag == "on":
-            raise wlt.WltError("--share-prompt on with --activation-checkpointing needs SDPA attention (a pair "
-                               "packed into one row); this model shares through a KV cache that a recomputed "
-                               "block would write twice: use --share-prompt auto or off")
-        return False
+def share_prompt_setting(flag: str, model) -> bool:
+    """--share-prompt auto|on|off, resolved once for `model`: whether wlt.pair_logps packs each pair into one row,
+    its prompt run once for both responses. auto: where wlt.can_share_prompt allows it; on where it does not: a
+    one-line error."""
     if flag == "on" and not wlt.can_share_prompt(model):
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        raise wlt.WltError(f"--share-prompt on: prompt sharing is not supported for model type {kind!r} (supported: "
-                           f"{', '.join(sorted(wlt.SHARE_PROMPT))}); use --share-prompt off or auto")
-    return {"auto": wlt.can_share_prompt(model), "on": True, "off": False}[flag]
+        cfg = model.config
+        raise WltError(f"--share-prompt on: prompt sharing is not supported for model type {cfg.model_type!r} with "
+                       f"{cfg._attn_implementation!r} attention (it needs one of {', '.join(sorted(wlt.SHARE_PROMPT))} "
+                       f"under sdpa or eager attention); use --share-prompt off or auto")
+    return flag == "on" or (flag == "auto" and wlt.can_share_prompt(model))
+
+
+def warn_plain_path(model, sequences: int, max_len: int) -> None:
+    """One line before the work when the memory-lean log-prob kernel does not know the model's family
+    (wlt.HEAD_POST): its log-probs then go through the full [B, T, V] fp32 logits (wlt.response_logps_plain),
+    whose size for a batch of `sequences` sequences of max_len tokens is said (logits and their log-softmax)."""
+    if wlt.head_of(model) is None:
+        kind = getattr(model.config, "model_type", None)
+        mib = sequences * max_len * model.config.vocab_size * 4 * 2 / 2 ** 20
+        warn_once(("plain path", kind), f"model type {kind!r} is not known to the memory-lean log-prob kernel: its "
+                  f"log-probs go through the full [B, T, V] fp32 logits, about {mib:,.0f} MiB for {sequences} "
+                  f"sequences of {max_len} tokens (and as much again for their gradients in training)")
 
 
 def positions(path: str, trust_remote_code: bool = False) -> int | None:
@@ -160,6 +164,14 @@ def unique_state_keys(model: nn.Module) -> set:
     return keys
 
 
+def add_lora(model: nn.Module, lora: dict) -> None:
+    """wlt.add_lora, its refusals (a family without default targets, targets that match nothing) as one line."""
+    try:
+        wlt.add_lora(model, **lora)
+    except ValueError as e:
+        raise WltError(f"{e}; pass --lora-targets (module-name suffixes)") from None
+
+
 def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool = False, lora: dict | None = None,
                 activation_checkpointing: bool = False, dtype: str = "auto") -> tuple[nn.Module, set]:
     """The model a trainer trains, on `dev`; under torchrun sharded with FSDP2. Returns (model, unique_keys)
@@ -180,7 +192,7 @@ def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool
         full = load_model(path, trust_remote_code)
         if lora:
             set_seed(seed)
-            wlt.add_lora(full, **lora)
+            add_lora(full, lora)
     if W == 1:
         if activation_checkpointing:
             enable_activation_checkpointing(full)
@@ -191,7 +203,7 @@ def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, trust_remote_code=trust_remote_code)
         if lora:
-            wlt.add_lora(model, **lora)
+            add_lora(model, lora)
     unique_keys = unique_state_keys(model)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -211,18 +223,14 @@ def build_model(path: str, dev: torch.device, seed: int, trust_remote_code: bool
     return model, unique_keys
 
 
-def setup_model(args, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout: float = 0.0, lora_targets=None):
-    """Every rank: the same weights (build_model), optional LoRA, sharded under torchrun.
-    Returns (model, tokenizer, device, unique_keys): unique_keys = the state-dict keys without tied duplicates."""
-    init_distributed()
+def setup_model(args, lora: dict | None = None) -> tuple[nn.Module, set]:
+    """The model a trainer trains, on every rank (build_model), and one line saying what it is. lora: wlt.add_lora's
+    keyword arguments, or None (a full fine-tune). Returns (model, the state-dict keys without tied duplicates)."""
     dev = device()
-    check_model_dir(args.model)  # before the tokenizer, so a folder without weights is named as such
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets) if lora_rank > 0 else None
     model, unique_keys = build_model(args.model, dev, args.seed, args.trust_remote_code, lora,
-                              getattr(args, "activation_checkpointing", False), getattr(args, "dtype", "auto"))
+                                     args.activation_checkpointing, args.dtype)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensor.numel() is the global size
     n_all = sum(p.numel() for p in model.parameters())
     log(f"model {args.model}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable, "
         f"device {dev}, {world_size()} process(es)")
-    return model, tok, dev, unique_keys
+    return model, unique_keys

@@ -4,6 +4,8 @@
     check_owner        a folder is written into only when it is absent, empty or an output of the same script
     swap_in            a trainer's final model, written whole into OUT.staging/ beside OUT, moved into OUT
     replace_files      label.py's and evaluate.py's results, written whole under temporary names, renamed
+    Partial            label.py's and evaluate.py's finished batches, kept in OUT.partial/ as they are made, so that
+    run_batches        a killed run, rerun with the same command, computes only what is missing
 
 Every check here reads only; a script calls them all before it creates, moves or deletes anything.
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
-import wlt
-from lib.console import signals_held
-from lib.files import read_json, remove_dir, write_json
+from lib.console import WltError, log, progress
+from lib.dist import barrier, gather_dicts, rank, world_size
+from lib.files import appended_rows, read_json, remove_dir, write_json
+from lib.signals import signals_held
 
 WRITTEN_BY = "written_by.json"  # {"script": "train_dpo.py"}: the trainer that owns the folder
 
@@ -43,7 +47,7 @@ def check_apart(outputs: dict[str, str], inputs: dict[str, str | None]) -> None:
                 how = f"holds {iname} {path}"
             else:
                 continue
-            raise wlt.WltError(f"{oname} {out} {how}; writing there would change an input: choose another {oname}")
+            raise WltError(f"{oname} {out} {how}; writing there would change an input: choose another {oname}")
 
 
 def trainer_folder_owner(out: str) -> str | None:
@@ -66,12 +70,12 @@ def check_owner(out: str, script: str, overwrite: bool, ours=None) -> None:
     if not os.path.exists(out) or overwrite:
         return
     if not os.path.isdir(out):
-        raise wlt.WltError(f"--out {out} is a file, not a folder: choose another --out")
+        raise WltError(f"--out {out} is a file, not a folder: choose another --out")
     if not os.listdir(out):
         return
     owned = ours(out) if ours else trainer_folder_owner(out) == script
     if not owned:
-        raise wlt.WltError(f"--out {out}: a folder that is not empty and not an output of {script}; choose a new or "
+        raise WltError(f"--out {out}: a folder that is not empty and not an output of {script}; choose a new or "
                            f"empty folder, or pass --overwrite to write {script}'s files into it")
 
 
@@ -157,3 +161,82 @@ def replace_files(writes: list[tuple[str, object]], marker: str, marker_obj) -> 
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# label.py's and evaluate.py's resumable work: fixed batches dealt out to the processes, every finished batch kept
+# on disk as it is made, so that a killed run, rerun with the same command, ends with an uninterrupted run's output
+
+
+class Partial:
+    """Resumable partial results of label.py and evaluate.py: OUT.partial/ beside the output, holding meta.json
+    (the settings and inputs the results belong to) and one append-only rank-N.jsonl per process of
+    {"k": key, "v": value} lines, flushed as they are made. A rerun with the same settings reads every complete
+    line back (a kill can only cut a file's last line, which is skipped) and computes only what is missing;
+    other settings discard it. remove() after the final output is written."""
+
+    def __init__(self, out: str, settings: dict):
+        self.dir = out + ".partial"
+        meta = os.path.join(self.dir, "meta.json")
+        settings = json.loads(json.dumps(settings))  # the form it takes on disk
+        if rank() == 0:
+            try:
+                same = read_json(meta) == settings
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                os.makedirs(self.dir)
+                write_json(meta, settings)
+        barrier()
+        self.done = {}
+        for fn in sorted(os.listdir(self.dir)):
+            if fn.startswith("rank-") and fn.endswith(".jsonl"):
+                self.done.update((rec["k"], rec["v"]) for rec in appended_rows(os.path.join(self.dir, fn))
+                                 if isinstance(rec, dict) and "k" in rec and "v" in rec)
+        barrier()  # every rank has read the files before any rank appends to them
+        path = os.path.join(self.dir, f"rank-{rank()}.jsonl")
+        if os.path.isfile(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+        else:
+            cut = False
+        self.f = open(path, "a", encoding="utf-8")
+        if cut:  # the last line was cut by a kill: start a fresh line
+            self.f.write("\n")
+        if self.done:
+            log(f"{self.dir}: resuming with {len(self.done)} finished piece(s) of work")
+
+    def add(self, key: str, value) -> None:
+        self.f.write(json.dumps({"k": key, "v": value}) + "\n")
+        self.f.flush()
+
+    def remove(self) -> None:
+        self.f.close()
+        barrier()
+        if rank() == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_batches(batches: list[list[int]], partial: Partial, fn, *args, tag: str, desc: str, unit: str) -> dict:
+    """Run fn(batch, *args) -> {item: value} over the batches not yet in `partial`, dealt out to the ranks in
+    turn (batch k of the remaining list to rank k mod W), recording each finished batch under "tag:k", with a
+    progress bar of the items (desc, unit). The batches are fixed by the caller, so any number of processes and any interruption give the
+    same values. Returns every item's value on rank 0 ({} on the other ranks)."""
+    remaining = [k for k in range(len(batches)) if f"{tag}:{k}" not in partial.done]
+    bar = progress(sum(map(len, batches)), desc, unit,
+                   initial=sum(len(batches[k]) for k in range(len(batches)) if f"{tag}:{k}" in partial.done))
+    res = {}
+    for k in remaining[rank()::world_size()]:
+        out = fn(batches[k], *args)
+        partial.add(f"{tag}:{k}", [[i, v] for i, v in out.items()])
+        res.update(out)
+        bar.update(len(batches[k]) * world_size())
+    bar.close()
+    res = gather_dicts(res)
+    if rank() == 0:
+        for k in range(len(batches)):
+            for i, v in partial.done.get(f"{tag}:{k}", []):
+                res[int(i)] = v  # JSON keys come back as strings
+    return res

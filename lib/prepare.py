@@ -11,11 +11,10 @@ import argparse
 import os
 import random
 
-import wlt
 from lib import synthetic
-from lib.defaults import PAPER_DEFAULTS, SYNTHETIC_DEFAULTS
-from lib.console import HelpFormatter, log
+from lib.console import HelpFormatter, WltError, log
 from lib.data import Skips, load_source, pair_to_row, tokenize_pairs, usable_pairs
+from lib.defaults import PAPER_DEFAULTS, SYNTHETIC_DEFAULTS
 from lib.files import fingerprint, same_settings, write_json, write_jsonl
 from lib.models import load_tokenizer
 
@@ -132,7 +131,7 @@ def prepare(args) -> dict | None:
     pool = list(zip(source["train"], locs["train"], layouts["train"]))  # (pair, "file:line", its row layout)
     test = list(zip(source["test"], locs["test"], layouts["test"]))
     if not pool:
-        raise wlt.WltError(f"{args.data}: no usable pairs in the training split")
+        raise WltError(f"{args.data}: no usable pairs in the training split")
     if not test:  # no test split in the source: carve one first, from the same seeded permutation
         test, pool = _permute_split(pool, args.test_fraction, args.seed)
     labeled, unlabeled = _permute_split(pool, labeled_fraction, args.seed)

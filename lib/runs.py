@@ -11,13 +11,12 @@ offline world, prepared on first use) or explicit paths.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 
-import wlt
 from lib import dist, prepare
-from lib.console import log, one_line, rank
+from lib.console import WltError, log, one_line
+from lib.dist import rank
 from lib.files import read_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +55,7 @@ def require(run: str, stage: str) -> None:
     """Stop with one line naming the command to run first, unless `stage` of the run is finished."""
     if not finished(run, stage):
         marker, what, _ = STAGES[stage]
-        raise wlt.WltError(f"{shown(run)}: {what} (no {marker}); run `{stage_command(run, stage)}` first")
+        raise WltError(f"{shown(run)}: {what} (no {marker}); run `{stage_command(run, stage)}` first")
 
 
 def prepare_if_default(run: str) -> None:
@@ -79,9 +78,9 @@ def read_run_config(run: str) -> dict:
     try:
         cfg = read_json(path)
     except json.JSONDecodeError as e:
-        raise wlt.WltError(f"{path}: not a run config made by `wlt.py prepare` ({one_line(e)})") from None
+        raise WltError(f"{path}: not a run config made by `wlt.py prepare` ({one_line(e)})") from None
     if not isinstance(cfg, dict):
-        raise wlt.WltError(f"{path}: not a run config made by `wlt.py prepare`")
+        raise WltError(f"{path}: not a run config made by `wlt.py prepare`")
     return cfg
 
 
@@ -91,7 +90,7 @@ def run_defaults(run: str, script: str, role: str) -> dict:
     try:
         return dict(cfg["train"][script].get(role, {}))
     except (KeyError, TypeError, AttributeError) as e:
-        raise wlt.WltError(f"{os.path.join(run, 'config.json')}: not a run config made by `wlt.py prepare` "
+        raise WltError(f"{os.path.join(run, 'config.json')}: not a run config made by `wlt.py prepare` "
                            f"({one_line(e)})") from None
 
 
@@ -100,24 +99,21 @@ def summary_path(out: str) -> str:
     return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
 
 
-def trainer_paths(run: str, script: str, role: str, labels: str | None, given: dict) -> dict:
-    """model, data and out of a trainer's role in the run; `given` holds the paths the user gave explicitly,
-    which win. What the role reads from the run must be finished (else: the command to run first)."""
-    d = functools.partial(os.path.join, run)
-    if script == "train_sft.py":
-        paths = {"data": d("data", "labeled.jsonl"), "out": d(role, "sft")}
-        needs = {}
-    elif role == "teacher":
-        paths = {"model": d("teacher", "sft"), "data": d("data", "labeled.jsonl"), "out": d("teacher", "dpo")}
-        needs = {"model": "teacher/sft"}
-    else:
-        if not labels:
-            raise wlt.WltError("--student needs --labels weak (the teacher's labels, data/weak.jsonl) or --labels "
-                               "human (the control, data/unlabeled.jsonl)")
-        data = {"weak": "weak.jsonl", "human": "unlabeled.jsonl"}[labels]
-        paths = {"model": d("student", "sft"), "data": d("data", data), "out": d("student", f"dpo-{labels}")}
-        needs = {"model": "student/sft", "data": "weak labels" if labels == "weak" else None}
-    for key, stage in needs.items():
-        if stage and given.get(key) is None:
-            require(run, stage)
-    return paths
+# The stage that makes each path a trainer reads from a run folder.
+MADE_BY = {"teacher/sft": "teacher/sft", "teacher/dpo": "teacher/dpo", "data/weak.jsonl": "weak labels",
+           "student/sft": "student/sft"}
+
+
+def role_paths(run: str, paths: tuple, given: dict) -> dict:
+    """model, data and out of a trainer's role: `paths` = (model, data, out) relative to the run folder, as the
+    script's ROLES table gives them (model None: the run's base model, from config.json). `given` holds the
+    paths the user gave explicitly, which win. What the role reads from the run must be finished (else: the
+    command to run first)."""
+    out = {}
+    for key, rel in zip(("model", "data", "out"), paths):
+        if rel is None:
+            continue
+        out[key] = os.path.join(run, *rel.split("/"))
+        if key != "out" and rel in MADE_BY and given.get(key) is None:
+            require(run, MADE_BY[rel])
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-import wlt
+from lib.console import WltError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -39,7 +39,7 @@ def _import(kind: str):
         import wandb
         return wandb
     except ImportError:
-        raise wlt.WltError(f"--report-to {kind}: the {PACKAGE[kind]} package is not installed; `pip install "
+        raise WltError(f"--report-to {kind}: the {PACKAGE[kind]} package is not installed; `pip install "
                            f"{PACKAGE[kind]}`, or leave --report-to out (metrics.jsonl has every metric)") from None
 
 

@@ -1,6 +1,6 @@
-"""What train_sft.py and train_dpo.py share: their flags, a role's paths in the run folder, the data, the batch
-plan, and the loop's bookkeeping (Loop): this rank's micro-batches, the optimizer update at the end of a step,
-metrics, held-out evaluation turns, mid-run checkpoints, and the final save."""
+"""The chores train_sft.py and train_dpo.py share, none of which touches the numbers: their flags and a role's paths
+in the run folder, the start of a run (every check, the data, then --out), the batch plan, the optimizer and its
+schedule, metrics.jsonl, and the final save. Each trainer's step itself is written out in its own script."""
 from __future__ import annotations
 
 import argparse
@@ -8,17 +8,16 @@ import json
 import math
 import os
 import random
-import time
 
 import torch
 import torch.nn as nn
 
 import wlt
 from lib import checkpoint, dist, memory, outputs, runs, tracking
-from lib.console import (Interrupted, argument_parser, check_ranges, log, progress, rank, save_on_signal,
-                         world_size)
+from lib.console import WltError, argument_parser, check_ranges, log
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
-from lib.files import check_file, fingerprint, remove_dir, same_settings, write_json, write_text
+from lib.dist import rank, world_size
+from lib.files import appended_rows, check_file, fingerprint, remove_dir, same_settings, write_json, write_text
 from lib.models import check_model_dir, fit_max_len, load_tokenizer
 
 
@@ -103,22 +102,26 @@ RANGES = {"lr": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "micro_batch_siz
           "eval_pairs": ">= 0", "eval_every": ">= 1", "save_every": ">= 0"}
 
 
-def parse_args(ap: argparse.ArgumentParser, script: str) -> tuple[argparse.Namespace, dict]:
-    """Parse the flags. With --teacher/--student, model/data/out come from the role in the run folder and the
-    defaults from its config.json; explicit flags always win. Returns (args, the run's settings that are not
-    flags, e.g. DPO's lr_lora / lr_full)."""
+def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[argparse.Namespace, dict]:
+    """Parse the flags. With --teacher/--student, model/data/out come from the role in the run folder (the
+    script's ROLES: role -> (model, data, out) relative to the run folder) and the defaults from its config.json;
+    explicit flags always win. Returns (args, the run's settings that are not flags, e.g. DPO's lr_lora / lr_full)."""
     args, _ = ap.parse_known_args()
     extra = {}
     if args.teacher or args.student:
         run = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)  # one spelling, so reruns compare equal
-        runs.prepare_if_default(run)
         role = "teacher" if args.teacher else "student"
+        key = role if role in roles else f"{role} --labels {getattr(args, 'labels', None)}"
+        if key not in roles:
+            raise WltError(f"--{role} needs " + " or ".join(f"--labels {k.split()[-1]} ({roles[k][1]})"
+                                                          for k in roles if k.startswith(role)))
+        runs.prepare_if_default(run)
         given = {k: getattr(args, k) for k in ("model", "data", "out")}
         d = runs.run_defaults(run, script, role)
         if "trust_remote_code" in d:  # loading a model's code is the user's decision, on the command line
-            raise wlt.WltError(f"{os.path.join(run, 'config.json')}: sets trust_remote_code (train.{script}.{role}); "
+            raise WltError(f"{os.path.join(run, 'config.json')}: sets trust_remote_code (train.{script}.{role}); "
                                f"remove it: only --trust-remote-code on the command line allows a model's own code")
-        d.update(runs.trainer_paths(run, script, role, getattr(args, "labels", None), given), run_dir=run)
+        d.update(runs.role_paths(run, roles[key], given), run_dir=run)
         ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
         extra = {k: v for k, v in d.items() if k not in vars(args)}
     elif args.run_dir:
@@ -140,7 +143,7 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     pairs = read_pairs(args.data, skips, locs)
     n_rows = len(pairs) + skips.total()
     if not pairs:
-        raise wlt.WltError(f"{args.data}: no usable pairs")
+        raise WltError(f"{args.data}: no usable pairs")
     exs, fallbacks = tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")
     if kind == "sft":  # SFT reads the chosen response only
         exs = [dict(e, rejected_ids=[]) for e in exs]
@@ -158,7 +161,7 @@ def load_examples(args, tok, kind: str) -> tuple[list[dict], list[dict], dict]:
     log(f"{args.data}: {len(train)} training, {len(evals)} held-out"
         + (f", {skips.total()} skipped" if skips.total() else ""))
     if not train:
-        raise wlt.WltError(f"{args.data}: nothing left to train on")
+        raise WltError(f"{args.data}: nothing left to train on")
     return train, evals, stats
 
 
@@ -213,35 +216,26 @@ def clip_grads(params, max_norm: float) -> float:
 def stop_if_not_finite(what: str, value: float, step: int) -> None:
     """A NaN or infinite loss or gradient norm ends training before the optimizer update of `step`."""
     if not math.isfinite(value):
-        raise wlt.WltError(f"{what} is {value} at step {step}; stopping before the update, nothing saved from this "
+        raise WltError(f"{what} is {value} at step {step}; stopping before the update, nothing saved from this "
                            f"step (the last checkpoint, if any, is intact)")
 
 
 class MetricsLog:
-    """metrics.jsonl in the output folder, written by rank 0 only, one JSON object per line."""
+    """OUT/metrics.jsonl, one JSON object per step, written by rank 0 only; with --report-to, each row goes to
+    that tracker too (lib/tracking.py). A resumed run (start > 0) keeps the rows of steps 1..start and drops
+    later ones, written after the checkpoint it resumes from, so that every step appears exactly once."""
 
-    def __init__(self, out_dir: str, start_step: int = 0, report_to: str = "none", config: dict | None = None):
-        """start_step > 0 (a resumed run): keep the rows of steps 1..start_step, drop later ones (written after
-        the checkpoint the run resumes from), so every step appears exactly once. report_to: a tracker that
-        receives each row too (lib.tracking; the rows of a resumed run's later steps only)."""
+    def __init__(self, args, start: int = 0):
         self.f, self.tracker = None, None
-        if rank() == 0 and report_to != "none":
-            self.tracker = tracking.Tracker(report_to, out_dir, config or {})
-        if rank() == 0:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "metrics.jsonl")
-            kept = []
-            if start_step and os.path.isfile(path):
-                with open(path) as f:
-                    for line in f:
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError:  # a line cut by a kill
-                            continue
-                        if row.get("step", 0) <= start_step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-            write_text(path, "".join(kept))  # atomically: a kill here keeps the old file
-            self.f = open(path, "a")
+        if rank() != 0:
+            return
+        if args.report_to != "none":
+            self.tracker = tracking.Tracker(args.report_to, args.out, vars(args))
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "metrics.jsonl")
+        kept = appended_rows(path) if start and os.path.isfile(path) else []
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept if r.get("step", 0) <= start))  # atomically
+        self.f = open(path, "a")
 
     def write(self, row: dict) -> None:
         if self.f:
@@ -250,11 +244,15 @@ class MetricsLog:
         if self.tracker:
             self.tracker.log(row)
 
-    def close(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         if self.f:
             self.f.close()
         if self.tracker:
             self.tracker.close()
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,13 +266,14 @@ def checkpoint_settings(args) -> dict:
                                                               "report_to", "overwrite")}
 
 
-def begin(args, kind: str) -> tuple[dict, list[dict], list[dict], dict] | None:
+def begin(args, kind: str) -> tuple | None:
     """Start of a training run: every check first, then --out. Reads only: --out's owner, the model's config
     (--max-len capped to its positions) and tokenizer, whether --out holds a finished run, and the data (read,
     tokenized, the held-out slice carved). Returns None when there is nothing to do: a finished run with the same
     settings and unchanged inputs. Only then is --out touched: marked as this trainer's (written_by.json), and,
     unless --resume, cleared of an old mid-run checkpoint. A finished output stays whole and marked until
-    save_final swaps the new one in. Returns (inputs' fingerprints, train, eval, data stats)."""
+    save_final swaps the new one in. Returns (the inputs' fingerprints, tokenizer, train pairs, held-out pairs,
+    data stats)."""
     script = f"train_{kind}.py"
     tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
     dist.init_distributed()
@@ -299,7 +298,7 @@ def begin(args, kind: str) -> tuple[dict, list[dict], list[dict], dict] | None:
                 checkpoint.remove_checkpoints(args.out)
             return None
         if not (args.resume or args.overwrite):
-            raise wlt.WltError(f"{args.out}: holds a finished run of other settings or inputs; nothing done. Pass "
+            raise WltError(f"{args.out}: holds a finished run of other settings or inputs; nothing done. Pass "
                                f"--overwrite to train again (the finished run stays until the new one is complete), "
                                f"or choose another --out")
         log(f"{args.out}: " + ("training again (--overwrite)" if same else
@@ -307,12 +306,15 @@ def begin(args, kind: str) -> tuple[dict, list[dict], list[dict], dict] | None:
             + "; the finished run stays there until the new one is complete")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     train, evals, stats = load_examples(args, tok, kind)
+    steps = len(batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps))
+    if args.save_every and args.save_every < steps:  # mid-run checkpoints need a recent torch: say so now
+        checkpoint.require_dcp()
     if rank() == 0:  # every check passed: from here on --out is written
         outputs.claim(args.out, script)
         if not args.resume:  # a fresh start: an old mid-run checkpoint must not be picked up later
             checkpoint.remove_checkpoints(args.out)
     dist.barrier()
-    return inputs, train, evals, stats
+    return inputs, tok, train, evals, stats
 
 
 def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, inputs: dict) -> None:
@@ -350,118 +352,3 @@ def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, 
         log(f"saved {args.out}")
         checkpoint.remove_checkpoints(args.out)
     dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the loop's bookkeeping
-
-
-class Loop:
-    """The bookkeeping of a training loop, the same for both trainers. A script's loop reads
-
-        for step in loop.steps():
-            sums, over = {...}, 0                            # named metrics summed over this rank's items; their count
-            for idx, w in loop.micro_batches(step):          # this rank's share of the global batch
-                ... forward, loss.backward(), add to sums and over
-            row = loop.optimizer_step(step, sums, over)      # all ranks' means; NaN stops; clip; AdamW + schedule
-            if loop.eval_due(step): row.update(held-out metrics)
-            loop.log(row)                                    # metrics.jsonl and the progress bar
-            if loop.checkpoint_due(step): loop.save_checkpoint(step)
-
-    While steps() runs, SIGTERM or SIGUSR1 (a scheduler's notice) makes the next checkpoint_due true on every
-    rank, and save_checkpoint then stops the run with console.Interrupted naming the checkpoint (exit code
-    128 + the signal's number, for a scheduler to requeue the job; --resume continues it).
-
-    Building it makes the optimizer and the schedule, and with --resume restores a matching mid-run checkpoint
-    (weights, optimizer, schedule, RNG; the data position is the step, since the plan is fixed by the seed).
-    tokens_per_item[i]: the tokens item i puts through the model, for the tokens/s figure."""
-
-    def __init__(self, args, model: nn.Module, plan: list[list[int]], inputs: dict, desc: str, n_eval: int,
-                 tokens_per_item: list[int]):
-        self.args, self.model, self.plan, self.inputs, self.n_eval = args, model, plan, inputs, n_eval
-        self.tokens_per_item = tokens_per_item
-        if args.save_every and args.save_every < len(plan):  # before any training time is spent
-            checkpoint.require_dcp()
-        self.params, self.opt, self.sched = build_optimizer(model, args, len(plan))
-        self.settings = checkpoint_settings(args)
-        path, self.start = (checkpoint.checkpoint_to_resume(args.out, self.settings, inputs)
-                            if args.resume else (None, 0))
-        if path:
-            checkpoint.load_checkpoint(path, model, self.opt, self.sched)
-        self.micro = micro_batch_size(args)
-        self.metrics = MetricsLog(args.out, self.start, args.report_to, vars(args))
-        self.bar = progress(len(plan), desc, "step", initial=self.start)
-        self.t0, self.tokens = time.time(), 0
-        self.notice = save_on_signal()
-
-    def steps(self):
-        """The steps left, with SIGTERM/SIGUSR1 recorded instead of stopping the script mid-step."""
-        with self.notice:
-            yield from range(self.start, len(self.plan))
-
-    def micro_batches(self, step: int):
-        """Yield (indices, weights) of this rank's micro-batches of global batch `step` (dist.micro_batches;
-        weight 0 marks a padding copy). Under FSDP2 gradients are reduce-scattered once per step, after the last
-        micro-batch. Counts the tokens of the real items for tokens/s."""
-        mbs = dist.micro_batches(self.plan[step], self.micro)
-        for j, (idx, w) in enumerate(mbs):
-            if world_size() > 1:
-                self.model.set_requires_gradient_sync(j == len(mbs) - 1)
-            self.tokens += sum(self.tokens_per_item[i] for i, x in zip(idx, w) if x)
-            yield idx, w
-
-    def optimizer_step(self, step: int, sums: dict, over: float) -> dict:
-        """The end of a step. sums: named metrics as weighted sums over this rank's items; over: what they are
-        averaged over, this rank's share (pairs for DPO, response tokens for SFT). Averages over every
-        micro-batch of every rank, stops on a NaN/inf loss or gradient norm before the update, clips, steps
-        AdamW and the schedule. Returns the step's metrics row."""
-        totals = dist.all_reduce_sum(torch.tensor([*sums.values(), over, float(self.tokens)], dtype=torch.float64))
-        means = {k: float(totals[i] / totals[-2]) for i, k in enumerate(sums)}
-        stop_if_not_finite("loss", means["loss"], step + 1)  # before the update: nothing corrupt reaches the weights
-        grad_norm = clip_grads(self.params, self.args.max_grad_norm)
-        stop_if_not_finite("gradient norm", grad_norm, step + 1)  # a finite loss can have inf/NaN gradients
-        lr_now = self.sched.get_last_lr()[0]  # the rate this step uses
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return {"step": step + 1, **means, "lr": lr_now, "grad_norm": grad_norm,
-                "tokens/s": float(totals[-1]) / max(1e-9, time.time() - self.t0)}
-
-    def eval_due(self, step: int) -> bool:
-        return self.n_eval > 0 and ((step + 1) % self.args.eval_every == 0 or step + 1 == len(self.plan))
-
-    def log(self, row: dict, shown: tuple = ("loss",)) -> None:
-        """Write the row to metrics.jsonl and show it on the progress bar."""
-        self.metrics.write(row)
-        self.bar.update(1)
-        self.bar.set_postfix(**{k.split("/")[-1]: f"{row[k]:.4f}" for k in shown if k in row})
-
-    def stop_requested(self) -> bool:
-        """Whether a SIGTERM/SIGUSR1 has reached any rank (a collective: every rank answers the same, so every
-        rank saves after the same step, whichever got the signal first)."""
-        came = torch.tensor([0.0 if self.notice.came is None else float(self.notice.came)])
-        came = dist.all_reduce_max(came)
-        if came.item() and self.notice.came is None:
-            self.notice.came = int(came.item())
-        return bool(came.item())
-
-    def checkpoint_due(self, step: int) -> bool:
-        """Every --save-every steps, except after the last step (the final save follows); and after any step
-        when a stop signal came (stop_requested)."""
-        done = step + 1
-        regular = bool(self.args.save_every) and done % self.args.save_every == 0 and done < len(self.plan)
-        return self.stop_requested() or regular
-
-    def save_checkpoint(self, step: int) -> None:
-        """The mid-run checkpoint after `step`: trainable weights, optimizer, schedule, RNG (a collective)."""
-        checkpoint.save_checkpoint(self.args.out, self.model, self.opt, self.sched, step + 1, self.settings,
-                                   self.inputs)
-        if self.notice.came is not None:  # a stop signal asked for this checkpoint: stop now
-            self.notice.__exit__(None, None, None)
-            self.close()
-            raise Interrupted(self.notice.came, saved=f"a checkpoint of step {step + 1} in {self.args.out}")
-
-    def close(self) -> None:
-        self.notice.__exit__(None, None, None)
-        self.bar.close()
-        self.metrics.close()

@@ -190,7 +190,7 @@ def main() -> None:
     """torchrun entry: run the rows named on the command line, write the report, leave like the scripts do."""
     report_path, work, *rows = sys.argv[1:]
     from lib import dist
-    from lib.console import rank
+    from lib.dist import rank
     dist.init_distributed()
     reports = {}
     for row in rows:
@@ -204,7 +204,7 @@ def main() -> None:
             json.dump(reports, f)
     torch.distributed.barrier()
     sys.stdout.flush()
-    os._exit(0)  # as lib.console.run_main ends a multi-process run
+    os._exit(0)  # as lib.signals.run_main ends a multi-process run (dist.leave_process_group)
 
 
 if __name__ == "__main__":

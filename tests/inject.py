@@ -9,7 +9,7 @@ the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point
 
 RANK (default 0) is the torchrun rank that dies (or signals); the others run on. The project's scripts hold no
 test hooks: the point is found through torch's global optimizer step hooks and by wrapping
-lib.resumable.Partial.add.
+lib.outputs.Partial.add.
 
 In-process (a script's main() called by a test): `with crash_before_update(N): ...` raises Crash just before
 the N-th optimizer update of this process, through the same hook; the run stops there, as a killed one does."""
@@ -73,13 +73,13 @@ def main() -> None:
             from torch.optim.optimizer import register_optimizer_step_post_hook
             register_optimizer_step_post_hook(on_call(int(n), term_parent))
         elif kind == "batch":
-            from lib import resumable
-            add, after = resumable.Partial.add, on_call(int(n), kill_self)
+            from lib import outputs
+            add, after = outputs.Partial.add, on_call(int(n), kill_self)
 
             def add_then_count(self, key, value):
                 add(self, key, value)
                 after()
-            resumable.Partial.add = add_then_count
+            outputs.Partial.add = add_then_count
         else:
             raise SystemExit(f"inject.py: unknown point {point!r} (step:N, term:N or batch:N)")
     sys.argv = [script, *argv]

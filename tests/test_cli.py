@@ -17,8 +17,8 @@ import evaluate
 import label
 import train_dpo
 import train_sft
-import wlt
-from lib import commands, console, runs
+from lib import commands, console, runs, signals
+from lib.console import WltError
 
 TORCHRUN_SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "label.py": label, "evaluate.py": evaluate}
 
@@ -111,7 +111,7 @@ def test_the_default_run_is_prepared_on_first_use_as_launch_sh_prepares_it(tmp_p
     from lib import prepare
     run = str(tmp_path / "runs" / "synthetic")
     monkeypatch.setattr(runs, "DEFAULT_RUN", run)
-    with pytest.raises(wlt.WltError, match="no prepared run"):  # reading a run's config never prepares it
+    with pytest.raises(WltError, match="no prepared run"):  # reading a run's config never prepares it
         runs.read_run_config(run)
     assert not os.path.exists(run)
     runs.prepare_if_default(run)  # what the scripts call, visibly, before they read the default run
@@ -132,7 +132,7 @@ def test_scripts_start_without_the_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: the branch that silences the bars
     ran = []
-    console.run_main(lambda: ran.append(True))
+    signals.run_main(lambda: ran.append(True))
     assert ran == [True]
 
 
@@ -142,7 +142,6 @@ def test_a_model_the_hub_will_not_give_is_one_line_naming_what_to_do(monkeypatch
     import types
     import transformers
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    import wlt
     from lib import models
     reply = types.SimpleNamespace(headers={}, request=None)  # what the hub's errors read of an HTTP response
 
@@ -158,11 +157,11 @@ def test_a_model_the_hub_will_not_give_is_one_line_naming_what_to_do(monkeypatch
         for cause, words in ((GatedRepoError("403 gated", response=reply), ["a gated model", "HF_TOKEN", "hf auth login"]),
                              (RepositoryNotFoundError("404", response=reply), ["no such local folder", "HF_TOKEN"])):
             monkeypatch.setattr(cls, "from_pretrained", refuse(cause))
-            with pytest.raises(wlt.WltError) as e:
+            with pytest.raises(WltError) as e:
                 read("meta-llama/Llama-3.2-1B")
             assert str(e.value).startswith("meta-llama/Llama-3.2-1B: ") and "\n" not in str(e.value)
             assert all(w in str(e.value) for w in words), str(e.value)
         monkeypatch.undo()
     for read in (models.load_tokenizer, models.positions):  # the suite runs with HF_HUB_OFFLINE=1
-        with pytest.raises(wlt.WltError, match="not in the local hub cache, and the hub cannot be reached"):
+        with pytest.raises(WltError, match="not in the local hub cache, and the hub cannot be reached"):
             read("nobody/not-cached-anywhere")

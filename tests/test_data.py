@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import wlt
-from lib import commands, console, data, synthetic
+from lib import commands, data, signals, synthetic
+from lib.console import WltError
 from conftest import ROOT, HH_SAMPLE, make_bpe_tokenizer, run_script
 
 A = "\n\nAssistant:"
@@ -110,11 +111,11 @@ GOOD = {"prompt": "\n\nHuman: hi" + A, "chosen": " hello", "rejected": " go away
 
 def test_read_pairs_malformed_json_names_file_and_line(tmp_path):
     path = write_jsonl(str(tmp_path / "bad.jsonl"), [GOOD, "", '{"prompt": "x", "chosen": '])
-    with pytest.raises(wlt.WltError) as e:
+    with pytest.raises(WltError) as e:
         data.read_pairs(path)
     assert f"{path}:3" in str(e.value)
     path2 = write_jsonl(str(tmp_path / "list.jsonl"), [GOOD, "[1, 2]"])
-    with pytest.raises(wlt.WltError) as e:
+    with pytest.raises(WltError) as e:
         data.read_pairs(path2)
     assert f"{path2}:2" in str(e.value)
 
@@ -152,7 +153,7 @@ def test_read_pairs_skips_are_counted_with_locations(tmp_path):
 def test_read_pairs_strict_raises_on_skip(tmp_path, name):
     path = write_jsonl(str(tmp_path / f"{name}.jsonl"), [GOOD, BAD_ROWS[name][0]])
     assert len(data.read_pairs(path, data.Skips())) == 1
-    with pytest.raises(wlt.WltError) as e:
+    with pytest.raises(WltError) as e:
         data.read_pairs(path, data.Skips(strict=True))
     assert f"{path}:2" in str(e.value)
 
@@ -238,10 +239,10 @@ def test_load_source_dahoas_layout(tmp_path):
 def test_load_source_single_file_is_all_train_and_errors(tmp_path):
     path = write_jsonl(str(tmp_path / "pairs.jsonl"), [GOOD])
     assert data.load_source(path, data.Skips()) == {"train": [GOOD], "test": []}
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(WltError):
         data.load_source(str(tmp_path / "nope"), data.Skips())
     (tmp_path / "empty").mkdir()
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(WltError):
         data.load_source(str(tmp_path / "empty"), data.Skips())
 
 
@@ -320,7 +321,7 @@ def test_tokenize_pairs_without_eos_is_an_error():
     tok.eos_token = None
     if tok.eos_token_id is not None:
         pytest.skip("this transformers version does not let a test unset the EOS token")
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(WltError):
         data.tokenize_pairs(tok, [GOOD])
 
 
@@ -536,7 +537,7 @@ def run_main_inproc(monkeypatch, capsys, *argv):
     monkeypatch.setattr(sys, "argv", ["wlt.py", "prepare", *argv])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        console.run_main(commands.cli)
+        signals.run_main(commands.cli)
     err = capsys.readouterr().err
     assert e.value.code == 1
     lines = [l for l in err.splitlines() if l.strip()]

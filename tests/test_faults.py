@@ -221,12 +221,12 @@ def test_evaluate_killed_then_resumed(synthetic_run, tmp_path):
 
 def test_malformed_lines_are_one_line_errors(tmp_path):
     """Through the scripts as typed: test_robustness.py (a malformed line, invalid UTF-8, for each script)."""
-    import wlt
+    from lib.console import WltError
     from lib.data import read_pairs
     data = str(tmp_path / "bad.jsonl")
     with open(data, "w") as f:
         f.write('["a list"]\n')
-    with pytest.raises(wlt.WltError, match=f"{data}:1: expected a JSON object"):
+    with pytest.raises(WltError, match=f"{data}:1: expected a JSON object"):
         read_pairs(data)
 
 
@@ -234,8 +234,8 @@ def test_older_torch_is_named_in_one_line(monkeypatch):
     """A torch whose torch.distributed.checkpoint has no safetensors storage (older releases): mid-run
     checkpoints say what they need, in one line."""
     import torch.distributed.checkpoint as dcp
-    import wlt
     from lib import checkpoint
+    from lib.console import WltError
     monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
-    with pytest.raises(wlt.WltError, match=r"need a torch whose .*HuggingFaceStorageWriter.*this is torch .*--save-every 0"):
+    with pytest.raises(WltError, match=r"need a torch whose .*HuggingFaceStorageWriter.*this is torch .*--save-every 0"):
         checkpoint.require_dcp()

@@ -12,9 +12,9 @@ import evaluate
 import label
 import train_dpo
 import train_sft
-import wlt
 from conftest import make_chat_tokenizer, make_rm
 from lib import data, prepare
+from lib.console import WltError
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 
@@ -115,7 +115,7 @@ def test_layout_rows_become_pairs_and_go_back(tmp_path):
 def test_conversational_rows_without_a_chat_template_are_a_one_line_error(tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "conv.jsonl", rows_of("explicit", 6))
     args = prepare.parse_args(["--data", src, "--out", str(tmp_path / "run"), "--tokenizer", tiny_model_dir("llama")])
-    with pytest.raises(wlt.WltError, match="conversational rows need a chat template") as e:
+    with pytest.raises(WltError, match="conversational rows need a chat template") as e:
         prepare.prepare(args)
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run" / "config.json")
 
@@ -149,7 +149,7 @@ def test_hub_dataset_by_name_with_config_and_splits(monkeypatch):
     assert calls == [("someone/prefs", "default")]
     assert len(src["train"]) == 5 and src["test"] == [] and layouts["train"] == ["implicit"] * 5
     assert locs["train"][0] == "someone/prefs/train_prefs:1" and src["train"][0]["prompt"] == conversation(0)[0]
-    with pytest.raises(wlt.WltError, match="no split 'train'.*--train-split"):
+    with pytest.raises(WltError, match="no split 'train'.*--train-split"):
         data.load_source("someone/prefs", data.Skips(), train_split="train")
 
 
@@ -266,5 +266,5 @@ def test_final_checkpoint_in_the_models_dtype_sharded(tmp_path, monkeypatch):
 
 def test_a_name_that_is_neither_a_local_path_nor_reachable_says_both(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(wlt.WltError, match=r"no local file or folder 'my-prefs', and could not load my-prefs from the hub"):
+    with pytest.raises(WltError, match=r"no local file or folder 'my-prefs', and could not load my-prefs from the hub"):
         data.load_source("my-prefs", data.Skips())  # the suite runs offline

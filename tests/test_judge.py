@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 import judge
-import wlt
 from lib import models, runs
+from lib.console import WltError
 
 KEY = "sk-test-not-a-real-key-1234"
 
@@ -145,11 +145,11 @@ def test_win_rate_on_generations(server, tmp_path):
     r = judge.win_rate(judge.make_judge(server.url, "stand-in"), str(path), "weak", "human")
     assert r["prompts"] == 6 and r["win"] == pytest.approx(4 / 6) and r["loss"] == 0
     assert r["tie"] == pytest.approx(2 / 6)  # identical responses: "A" both times, a position tie
-    with pytest.raises(wlt.WltError, match="no generations of policy 'nobody'"):
+    with pytest.raises(WltError, match="no generations of policy 'nobody'"):
         judge.win_rate(judge.make_judge(server.url, "stand-in"), str(path), "weak", "nobody")
     apart = tmp_path / "apart.jsonl"  # two policies sampled on different prompts: nothing to compare
     apart.write_text("".join(json.dumps(dict(g, index=g["index"] + 100 * (g["policy"] == "human"))) + "\n" for g in gens))
-    with pytest.raises(wlt.WltError, match="share no prompt"):
+    with pytest.raises(WltError, match="share no prompt"):
         judge.win_rate(judge.make_judge(server.url, "stand-in"), str(apart), "weak", "human")
 
 
@@ -157,7 +157,7 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path):
     data, _ = pairs_file(tmp_path, n=1)
     j = judge.make_judge("http://127.0.0.1:9/v1", "stand-in")
     j.retries = 1
-    with pytest.raises(wlt.WltError, match="judge http://127.0.0.1:9/v1/chat/completions"):
+    with pytest.raises(WltError, match="judge http://127.0.0.1:9/v1/chat/completions"):
         judge.label_pairs(j, data, str(tmp_path / "x.jsonl"))
     assert not os.path.exists(tmp_path / "x.jsonl")
 

@@ -2,9 +2,10 @@
 
 Every family the kernel knows (wlt.HEAD_POST) is built tiny from its config, with random non-zero biases, and compared with a
 naive reference: the whole padded batch through the model in float64, a full log_softmax over the vocabulary,
-gather. Values, and gradients of every parameter, must agree; so must the shared-prompt path (the prompt run
-once, its KV cache serving both responses) with the plain one. The memory claim is checked directly: no
-tensor of more than a chunk of rows x V is ever created, forward or backward.
+gather. Values, and gradients of every parameter, must agree; so must the shared-prompt path (each pair packed
+into one row, its prompt run once for both responses, short pairs sharing a row) with the plain one. The packed
+layout is checked by hand against the drawing in wlt.py. The memory claim is checked directly: no tensor of
+more than a chunk of rows x V is ever created, forward or backward.
 """
 import copy
 
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import wlt
 from lib import data
+from lib.console import WltError
 
 IGNORE = wlt.IGNORE
 
@@ -111,13 +113,13 @@ NO_SDPA = {"gpt_neo"}  # transformers has no SDPA attention for it
 
 
 @pytest.mark.parametrize("family,attn", [(f, a) for f in sorted(wlt.SHARE_PROMPT & set(KERNEL_FAMILIES))
-                                         for a in ("sdpa", "eager") if not (a == "sdpa" and f in NO_SDPA)])
+                                         for a in ("sdpa", "eager")])
 def test_shared_prompt_equals_unshared(family, attn, bpe_tokenizer, pairs):
-    """The prompt once, shared by both responses == two full sequences. Under SDPA a pair is packed into one
-    segment (its rejected response masked from its chosen one), two of the four sharing a row; under eager
-    attention the prompt runs left-padded and its KV cache is expanded over both responses."""
+    """The prompt once, shared by both responses == two full sequences: each pair packed into one row, its
+    rejected response masked from its chosen one, two of the four pairs sharing a row; SDPA takes the mask as
+    it is, eager attention as an additive one."""
     model = build(family, len(bpe_tokenizer), attn)
-    assert wlt.can_pack(model) == (attn == "sdpa")
+    assert wlt.can_share_prompt(model)
     pad = data.pad_id(bpe_tokenizer)
     batch = wlt.collate_pairs(pairs, pad)
     with torch.no_grad():
@@ -131,7 +133,7 @@ def test_shared_prompt_equals_unshared(family, attn, bpe_tokenizer, pairs):
     with torch.no_grad():
         for i in range(len(pairs)):
             close(wlt.pair_logps(model, pairs[i:i + 1], pad, share_prompt=True)[0], shared[i])
-    # gradients flow through the shared cache into the prompt's layers, as in the unshared forward
+    # gradients flow through the shared prompt into its layers, as in the unshared forward
     same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=True)),
                grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False)))
 
@@ -143,25 +145,65 @@ def test_pack_rows_by_hand():
     assert wlt.pack_rows([4, 2, 2]) == [[0], [1, 2]]  # a row filled exactly
 
 
-def test_activation_checkpointing_shares_only_packed_pairs(bpe_tokenizer):
-    """Under --activation-checkpointing a recomputed block would write a KV cache twice: eager attention runs the
-    sequences whole (and refuses --share-prompt on); SDPA packs each pair into one row and still shares."""
-    from lib.models import share_prompt_setting
-    sdpa, eager = build("llama", len(bpe_tokenizer), "sdpa"), build("llama", len(bpe_tokenizer), "eager")
-    assert share_prompt_setting("auto", sdpa, activation_checkpointing=True)
-    assert share_prompt_setting("on", sdpa, activation_checkpointing=True)
-    assert not share_prompt_setting("auto", eager, activation_checkpointing=True)
-    assert share_prompt_setting("auto", eager, activation_checkpointing=False)
-    with pytest.raises(wlt.WltError, match="--share-prompt on with --activation-checkpointing needs SDPA"):
-        share_prompt_setting("on", eager, activation_checkpointing=True)
+def test_pack_pairs_by_hand():
+    """The drawing in wlt.py, worked out: pair a (prompt 10 11, chosen 20 21, rejected 30 31) fills row 0; pairs b
+    (12 | 22 | 32) and c (13 | 23 | 33) share row 1. Positions restart at the prompt's end for each rejected
+    response; each token sees the earlier tokens of its own pair, a rejected one never the chosen response."""
+    pairs = [{"prompt_ids": [10, 11], "chosen_ids": [20, 21], "rejected_ids": [30, 31]},
+             {"prompt_ids": [12], "chosen_ids": [22], "rejected_ids": [32]},
+             {"prompt_ids": [13], "chosen_ids": [23], "rejected_ids": [33]}]
+    inputs, states, targets, response = wlt.pack_pairs(pairs, 0, "cpu")
+    assert inputs["input_ids"].tolist() == [[10, 11, 20, 21, 30, 31], [12, 22, 32, 13, 23, 33]]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3], [0, 1, 1, 0, 1, 1]]
+    sees = [[[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 1, 4, 5]],   # row 0: a
+            [[0], [0, 1], [0, 2], [3], [3, 4], [3, 5]]]                       # row 1: b, then c
+    mask = inputs["attention_mask"]
+    assert mask.shape == (2, 1, 6, 6)
+    assert [[row.nonzero().flatten().tolist() for row in mask[r, 0]] for r in range(2)] == sees
+    # the state before each response token predicts it (flat index row * 6 + column): a's chosen 20 21 by 11 20,
+    # its rejected 30 by 11 (the prompt's last state) and 31 by 30; b's 22 and 32 by 12; c's 23 and 33 by 13
+    assert states.tolist() == [1, 2, 1, 4, 6, 6, 9, 9]
+    assert targets.tolist() == [20, 21, 30, 31, 22, 32, 23, 33]
+    assert response.sum(-1).tolist() == [2, 2, 1, 1, 1, 1]  # tokens of a chosen, a rejected, b chosen, ...
+
+
+def test_activation_checkpointing_recomputes_packed_rows(bpe_tokenizer, pairs):
+    """A packed row has no KV cache for a recomputed block to write twice: prompt sharing and activation
+    checkpointing go together, under SDPA and eager attention, with the gradients of whole sequences."""
+    from lib.dist import enable_activation_checkpointing
+    pad = data.pad_id(bpe_tokenizer)
+    for attn in ("sdpa", "eager"):
+        model = build("llama", len(bpe_tokenizer), attn)
+        plain = grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False))
+        enable_activation_checkpointing(model)
+        model.train()  # checkpointing recomputes only in training mode (dropout is 0 in this model)
+        same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=True)), plain)
 
 
 def test_default_sharing_follows_the_family(bpe_tokenizer, pairs):
-    assert wlt.can_share_prompt(build("llama", len(bpe_tokenizer)))
-    gemma2 = build("gemma2", len(bpe_tokenizer))
-    assert not wlt.can_share_prompt(gemma2)  # sliding-window cache: not shared
-    with pytest.raises(wlt.WltError, match="prompt sharing is not supported for model type 'gemma2'"):
+    from lib.models import share_prompt_setting
+    llama = build("llama", len(bpe_tokenizer))
+    assert wlt.can_share_prompt(llama) and share_prompt_setting("auto", llama) and not share_prompt_setting("off", llama)
+    gemma2 = build("gemma2", len(bpe_tokenizer))  # a sliding-window family: its window would not hold in a given mask
+    assert not wlt.can_share_prompt(gemma2) and not share_prompt_setting("auto", gemma2)
+    with pytest.raises(WltError, match="--share-prompt on: prompt sharing is not supported for model type 'gemma2'"):
+        share_prompt_setting("on", gemma2)
+    with pytest.raises(ValueError, match="prompt sharing is not supported"):
         wlt.pair_logps(gemma2, pairs, 0, share_prompt=True)
+
+
+def test_sliding_window_longer_than_a_pair_runs_whole_sequences(bpe_tokenizer, pairs):
+    """Mistral's sliding window: a pair longer than the window is not packed (a given mask would lift the
+    window), so its numbers are those of the whole sequences with the window applied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mistral", vocab_size=len(bpe_tokenizer), **COMMON, num_key_value_heads=2, sliding_window=4)).eval()
+    assert longest > 4
+    batch = wlt.collate_pairs(pairs, data.pad_id(bpe_tokenizer))
+    with torch.no_grad():
+        close(wlt.pair_logps(model, pairs, data.pad_id(bpe_tokenizer)).t().reshape(-1), naive(model, batch))
 
 
 class MaxVocabTensor(TorchDispatchMode):
@@ -204,19 +246,25 @@ def test_no_full_logits_forward_or_backward(family, bpe_tokenizer, pairs, monkey
 
 
 def test_unknown_family_falls_back_with_one_warning(bpe_tokenizer, capsys):
-    """A family outside wlt.HEAD_POST (BLOOM here) takes the plain full-logits path: same numbers, one warning."""
+    """A family outside wlt.HEAD_POST (BLOOM here) takes the plain full-logits path: the same numbers, and one
+    line before the work (lib.models.warn_plain_path) that says so and how large the logits are."""
     from transformers import BloomConfig, BloomForCausalLM
+    from lib import models
     torch.manual_seed(0)
     model = BloomForCausalLM(BloomConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, n_layer=2, n_head=4)).eval()
     exs, _ = data.tokenize_pairs(bpe_tokenizer, PAIRS)
     batch = wlt.collate_pairs(exs, data.pad_id(bpe_tokenizer))
-    wlt._warned.discard("bloom")
+    assert wlt.head_of(model) is None and not wlt.can_share_prompt(model)
+    for _ in range(2):
+        models.warn_plain_path(model, 8, 512)
     with torch.no_grad():
         a = wlt.response_logps(model, **batch)
         b = wlt.pair_logps(model, exs, data.pad_id(bpe_tokenizer))
         close(a, naive(model, batch))
     close(b.t().reshape(-1), a)
-    assert capsys.readouterr().out.count("not known to the memory-lean log-prob kernel") == 1
+    out = capsys.readouterr().out
+    assert out.count("not known to the memory-lean log-prob kernel") == 1
+    assert f"about {8 * 512 * len(bpe_tokenizer) * 8 / 2 ** 20:,.0f} MiB for 8 sequences of 512 tokens" in out
 
 
 def test_token_logps_softcap_and_scale_by_hand():

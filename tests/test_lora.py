@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import wlt
-from lib import checkpoint
+from lib import checkpoint, models
+from lib.console import WltError
 from conftest import FAMILIES
 
 RANK, ALPHA = 4, 8.0
@@ -157,14 +158,17 @@ def test_unknown_model_type_and_no_match_raise(tiny_model_dir):
             super().__init__()
             self.config = types.SimpleNamespace(model_type="bogus_lm")
             self.q_proj = nn.Linear(4, 4)
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(ValueError, match="no default LoRA targets for model type 'bogus_lm'"):
         wlt.add_lora(Bogus(), RANK, ALPHA)
     no_config = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(ValueError, match="no default LoRA targets for model type None"):
         wlt.add_lora(no_config, RANK, ALPHA)
     model = _load(tiny_model_dir("opt"))
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(ValueError, match="match no linear layer"):
         wlt.add_lora(model, RANK, ALPHA, targets=["no_such_module"])
+    # the scripts' way in (lib.models.add_lora): one line that names the flag to pass
+    with pytest.raises(WltError, match="no default LoRA targets for model type 'bogus_lm'.*; pass --lora-targets"):
+        models.add_lora(Bogus(), {"rank": RANK, "alpha": ALPHA})
     # explicit targets that do match work (a subset)
     model = _load(tiny_model_dir("opt"))
     wlt.add_lora(model, RANK, ALPHA, targets=["q_proj"])
@@ -219,9 +223,9 @@ def test_load_adapter_on_wrong_model_raises(tiny_model_dir, tmp_path):
     model = _adapter_model(tiny_model_dir("gpt2"))
     _, adapter = wlt.split_lora_state_dict(model.state_dict(), model.wlt_lora)
     checkpoint.save_adapter(str(tmp_path), adapter, model.wlt_lora, "gpt2")
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(WltError):
         checkpoint.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path / "adapter"))
-    with pytest.raises(wlt.WltError):
+    with pytest.raises(WltError):
         checkpoint.load_adapter(_load(tiny_model_dir("opt")), str(tmp_path))  # no adapter_config.json there
 
 
@@ -236,12 +240,12 @@ def test_load_adapter_rejects_extra_keys_and_regex_targets(tiny_model_dir, tmp_p
     sd = load_file(str(d / "adapter_model.safetensors"))
     sd["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(RANK, 32)
     save_file(sd, str(d / "adapter_model.safetensors"))
-    with pytest.raises(wlt.WltError, match="unexpected"):
+    with pytest.raises(WltError, match="unexpected"):
         checkpoint.load_adapter(_load(tiny_model_dir("llama")), str(d))
     cfg = json.load(open(d / "adapter_config.json"))
     cfg["target_modules"] = ".*proj"
     json.dump(cfg, open(d / "adapter_config.json", "w"))
-    with pytest.raises(wlt.WltError, match="target_modules"):
+    with pytest.raises(WltError, match="target_modules"):
         checkpoint.load_adapter(_load(tiny_model_dir("llama")), str(d))
 
 

@@ -8,6 +8,7 @@ import torch
 
 import wlt
 from lib import data
+from lib.console import WltError
 from conftest import FAMILIES
 
 IGNORE = -100
@@ -69,15 +70,17 @@ def test_dpo_ipo_by_hand():
 
 def test_dpo_ipo_mean_by_hand():
     """train_dpo.py --loss-type ipo-mean: IPO on per-token means of policy and reference (TRL's IPO)."""
+    import types
     import train_dpo
     pol, ref = _t(PC, PR).reshape(1, 2), _t(RC, RR).reshape(1, 2)
     lengths = torch.tensor([[2, 5]])  # chosen 2 tokens, rejected 5
-    losses, cr, rr = train_dpo.Objective(beta=0.1, loss_type="ipo-mean", label_smoothing=0.0)(pol, ref, lengths)
+    args = types.SimpleNamespace(beta=0.1, loss_type="ipo-mean", label_smoothing=0.0)
+    losses, cr, rr = train_dpo.preference_loss(pol, ref, lengths, args)
     # h = (-1/2 - -2/2) - (-3/5 - -2.5/5) = 0.5 - (-0.1) = 0.6;  (0.6 - 5)^2 = 19.36
     assert losses.item() == pytest.approx(19.36, rel=1e-12)
     assert cr.item() == pytest.approx(0.05, rel=1e-12) and rr.item() == pytest.approx(-0.01, rel=1e-12)
-    ipo = train_dpo.Objective(beta=0.1, loss_type="ipo", label_smoothing=0.0)  # the summed form: as test_dpo_ipo_by_hand
-    assert ipo(pol, ref, lengths)[0].item() == pytest.approx(12.25, rel=1e-12)
+    args.loss_type = "ipo"  # the summed form: as test_dpo_ipo_by_hand
+    assert train_dpo.preference_loss(pol, ref, lengths, args)[0].item() == pytest.approx(12.25, rel=1e-12)
 
 
 def test_dpo_hinge_active_and_zero_region():
@@ -139,7 +142,7 @@ def test_dpo_step0_identity():
 
 
 def test_dpo_unknown_loss_type_raises():
-    with pytest.raises((ValueError, wlt.WltError)):
+    with pytest.raises((ValueError, WltError)):
         _call(0.1, loss_type="kto_pair_typo")
 
 
@@ -313,3 +316,26 @@ def test_preference_probability_by_hand_and_at_extreme_margins():
     assert wlt.preference_probability(-800.0) == 0.0
     assert wlt.preference_probability(-710.0) == pytest.approx(math.exp(-710.0), rel=1e-12)
     assert wlt.preference_probability(800.0) == 1.0
+
+
+def test_weak_reward_and_label_by_hand():
+    """Eq. 5 on two pairs worked by hand, beta 0.5: r = beta (log pi_w - log pi_ref).
+    pair 0: y1 -4 vs -5 -> r 0.5; y2 -6 vs -6.4 -> r 0.2: the teacher keeps y1.
+    pair 1: y1 -3 vs -2 -> r -0.5; y2 -7 vs -8 -> r 0.5: the teacher picks y2.
+    An exact tie takes the tie_break's answer, whatever it is."""
+    logps_w = _t(-4.0, -6.0, -3.0, -7.0).view(2, 2)    # [pair, (y1, y2)]
+    logps_ref = _t(-5.0, -6.4, -2.0, -8.0).view(2, 2)
+    r = wlt.implicit_reward(logps_w, logps_ref, 0.5)
+    assert r.flatten().tolist() == pytest.approx([0.5, 0.2, -0.5, 0.5], abs=1e-12)
+    assert wlt.prefers_first(r[:, 0], r[:, 1], torch.tensor([False, True])).tolist() == [True, False]
+    tied = _t(0.25, 0.25)
+    assert wlt.prefers_first(tied, tied, torch.tensor([True, False])).tolist() == [True, False]
+
+
+def test_text_tie_break_ignores_the_order():
+    """The same text wins whichever of the two comes first, and the pair decides (not a coin per call)."""
+    pairs = [("a", "b"), ("the cat", "a dog"), (" 1 3 7 9", " 9 7 3 1"), ("", " ")]
+    for y1, y2 in pairs:
+        assert wlt.text_tie_break(y1, y2) != wlt.text_tie_break(y2, y1)
+        assert wlt.text_tie_break(y1, y2) == wlt.text_tie_break(y1, y2)
+    assert len({wlt.text_tie_break(y1, y2) for y1, y2 in pairs}) == 2  # not a constant answer

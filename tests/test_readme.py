@@ -158,26 +158,32 @@ def test_step_by_step_on_two_processes(tmp_path):
     assert_results_table(repo)
 
 
-def method_map() -> list[tuple[str, list[str], list[str]]]:
-    """(equation, [wlt.NAME, ...], [wlt.py:LINE, ...]) of each row of the README's method map."""
+def method_map() -> list[tuple[str, list[str], list[tuple[str, str]]]]:
+    """(equation, [MODULE.NAME, ...], [(FILE, LINE), ...]) of each row of the README's method map."""
     text = open(os.path.join(ROOT, "README.md")).read()
     table = text.split("<!-- method-map -->")[1].split("<!-- /method-map -->")[0]
     rows = [r.split("|")[1:-1] for r in table.strip().splitlines()[2:]]
-    return [(r[0].strip(), re.findall(r"`wlt\.(\w+)`", r[2]), re.findall(r"`wlt\.py:(\d+)`", r[3])) for r in rows]
+    return [(r[0].strip(), re.findall(r"`(\w+\.\w+)`", r[2]), re.findall(r"`(\w+\.py):(\d+)`", r[3])) for r in rows]
 
 
 def test_the_method_map_points_at_the_lines_that_define_each_function():
-    """Each function the README's method map names exists in wlt.py, at the line the map gives; the equations
-    come in the paper's order, as wlt.py's `# Eq. N` headings do."""
-    src = open(os.path.join(ROOT, "wlt.py")).read().splitlines()
-    defined = {m.group(2): i + 1 for i, line in enumerate(src) if (m := re.match(r"(def|class) (\w+)\b", line))}
+    """Each name the README's method map gives (wlt.NAME, or a script's, train_dpo.NAME) exists in that file, at
+    the line the map gives; the equations come in the paper's order, as wlt.py's `# Eq. N` headings do."""
+    def defined(path):  # name -> line of each function, class and top-level constant of a file
+        src = open(os.path.join(ROOT, path)).read().splitlines()
+        return {m.group(1) or m.group(2): i + 1 for i, line in enumerate(src)
+                if (m := re.match(r"(?:def|class) (\w+)\b|([A-Z_]+) = ", line))}
     rows = method_map()
     assert len(rows) >= 8
-    for eq, names, lines in rows:
-        assert names and len(names) == len(lines), f"method map, {eq}: {names} vs {lines}"
-        for name, line in zip(names, lines):
-            assert name in defined, f"method map, {eq}: wlt.{name} does not exist"
-            assert int(line) == defined[name], f"method map, {eq}: wlt.{name} is at wlt.py:{defined[name]}, not {line}"
+    for eq, names, places in rows:
+        assert names and len(names) == len(places), f"method map, {eq}: {names} vs {places}"
+        for name, (path, line) in zip(names, places):
+            module, _, attr = name.partition(".")
+            assert path == module + ".py", f"method map, {eq}: {name} is not in {path}"
+            where = defined(path)
+            assert attr in where, f"method map, {eq}: {name} does not exist"
+            assert int(line) == where[attr], f"method map, {eq}: {name} is at {path}:{where[attr]}, not {line}"
+    src = open(os.path.join(ROOT, "wlt.py")).read().splitlines()
     in_map = [int(m.group(1)) for eq, _, _ in rows if (m := re.match(r"Eq\. (\d)", eq))]
     headings = [int(m.group(1)) for line in src if (m := re.match(r"# Eq\. (\d)", line))]
     assert in_map == sorted(in_map) and headings == [1, 2, 3, 4, 5, 6], (in_map, headings)
@@ -188,6 +194,6 @@ def test_the_readme_names_the_functions_label_py_calls():
     said = re.search(r"label\.py computes the weak labels with (.*?)\.\s", text, re.S).group(1)
     label = open(os.path.join(ROOT, "label.py")).read()
     names = re.findall(r"`wlt\.(\w+)`", said)
-    assert {"pair_logps", "implicit_reward", "weak_labels"} <= set(names)
+    assert {"pair_logps", "implicit_reward", "prefers_first"} <= set(names)
     for name in names:
         assert f"wlt.{name}" in label, f"README says label.py calls wlt.{name}; it does not"

@@ -214,7 +214,7 @@ def test_interrupting_a_rerun_of_a_finished_stage(tmp_path, tiny_model_dir, monk
 
 def test_held_signals_act_after_the_block():
     """A stop signal inside signals_held (the renames of a swap) is acted on once the block has ended."""
-    from lib.console import Interrupted, signals_held
+    from lib.signals import Interrupted, signals_held
     done = []
     old = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

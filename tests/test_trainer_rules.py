@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-import wlt
 from lib import models, trainer
+from lib.console import WltError
 import train_dpo
 from conftest import make_bpe_tokenizer
 
@@ -52,7 +52,7 @@ def test_resume_checks_inputs_and_restarts_cleanly(tmp_path, tiny_model_dir, mon
     assert cfg["data"]["pairs"] == 14
 
     # other settings without --resume: refused, nothing done, until --overwrite
-    with pytest.raises(wlt.WltError, match="holds a finished run of other settings or inputs; nothing done"):
+    with pytest.raises(WltError, match="holds a finished run of other settings or inputs; nothing done"):
         run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0")
 
     # a crash after the start leaves the finished run whole and marked finished (the new one would have been
@@ -104,7 +104,7 @@ def test_run_mode_full_dpo_uses_the_runs_full_rate(tmp_path, monkeypatch):
     assert seen["args"].lr == 0.25
     run(monkeypatch, train_dpo, "--teacher", "--run-dir", run_dir, "--lr", "0.5", "--beta", "0.1")
     assert seen["args"].lr == 0.5 and seen["args"].beta == 0.1  # explicit flags win
-    with pytest.raises(wlt.WltError, match="--labels"):
+    with pytest.raises(WltError, match="--labels"):
         run(monkeypatch, train_dpo, "--student", "--run-dir", run_dir)
 
 
@@ -124,7 +124,7 @@ def test_empty_prompt_without_bos_is_skipped_and_counted(tmp_path):
     assert list(stats["skipped"]["counts"].values()) == [1]
     assert stats["skipped"]["examples"][next(iter(stats["skipped"]["counts"]))] == [f"{data}:1"]
     args.strict = True
-    with pytest.raises(wlt.WltError, match=f"{data}:1"):
+    with pytest.raises(WltError, match=f"{data}:1"):
         trainer.load_examples(args, tok, "dpo")
 
 
@@ -206,7 +206,7 @@ def test_report_to_sends_each_row_under_trl_names(tmp_path, tiny_model_dir, monk
     assert len(rows) == 2 and not any(c[0] == "step" for c in calls)
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
-    with pytest.raises(wlt.WltError, match=r"--report-to wandb: the wandb package is not installed; `pip install wandb`"):
+    with pytest.raises(WltError, match=r"--report-to wandb: the wandb package is not installed; `pip install wandb`"):
         run(monkeypatch, train_dpo, "--model", tiny_model_dir("llama"), "--data", data, "--out", str(tmp_path / "w"),
             "--report-to", "wandb")
     assert not os.path.exists(tmp_path / "w")
