@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder that is not evaluate.py's output")
     o.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model folder/hub (only from the command line)")
+    o.add_argument("--dist-timeout", type=float, default=dist.DIST_TIMEOUT_MIN,
+                   help="minutes a process waits for the others in a collective under torchrun")
     return ap
 
 
@@ -109,7 +111,8 @@ def parse_args() -> argparse.Namespace:
         if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
             ap.error(f"--policy {p!r}: expected NAME=PATH")
     check_ranges(ap, args, num_prompts=">= 0", temperature=">= 0", max_new_tokens=">= 1", max_len=">= 1",
-                 batch_size=">= 1", rm_batch_size=">= 1", rm_max_len=">= 1", analysis_pairs=">= 0")
+                 batch_size=">= 1", rm_batch_size=">= 1", rm_max_len=">= 1", analysis_pairs=">= 0",
+                 dist_timeout="> 0")
     return args
 
 
@@ -205,6 +208,13 @@ def generate(model, prompts: list[list[int]], seeds: list[int], eos, pad: int, t
     next_pos = mask.sum(-1, keepdim=True)
     with dist.autocast(dev, dtype):
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        # a left-padded row's padding queries see no key; an attention kernel that turns that row into NaN and
+        # lets it reach a real position would make every sample of the batch garbage: say so, do not sample it
+        if not torch.isfinite(res.logits[:, -1]).all():
+            bad = (~torch.isfinite(res.logits[:, -1]).all(-1)).nonzero().flatten().tolist()
+            raise WltError(f"{getattr(model, 'name_or_path', 'the model')}: non-finite next-token logits after the "
+                           f"left-padded prompts of rows {bad[:5]} (an attention kernel's padding; try --dtype fp32 "
+                           f"or --batch-size 1)")
         for _ in range(max_new_tokens):
             nxt = sample_next(res.logits[:, -1], temperature, gens)
             for i in (~done).nonzero().flatten().tolist():
@@ -293,6 +303,11 @@ class GoldRM:
             raise WltError(f"cannot load reward model {path!r}: {one_line(e)}") from None
         if self.model.config.num_labels != 1:
             raise WltError(f"{path}: a reward model has one output, this one has {self.model.config.num_labels}")
+        if use_bf16:  # the score itself in fp32: bf16 keeps 3 digits, and rounded scores tie where they differ
+            for name in ("score", "classifier"):  # decoder RMs' head, encoder RMs' (after their pooler)
+                head = getattr(self.model, name, None)
+                if isinstance(head, torch.nn.Module):
+                    head.float().register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         if self.model.config.pad_token_id is None:  # decoder RMs score the last non-pad token
@@ -462,7 +477,7 @@ def results_markdown(res: dict) -> str:
 def main():
     args = parse_args()
     if args.run_dir:
-        runs.prepare_if_default(args.run_dir)
+        runs.prepare_if_default(args.run_dir, args.dist_timeout)
     cfg = runs.read_run_config(args.run_dir) if args.run_dir else {}
     if args.max_len is None:  # the run's length limit: the longest prompt its policies trained on
         args.max_len = cfg.get("max_len", 512)
@@ -478,7 +493,11 @@ def main():
               "weak": fingerprint(weak_path), "gold_rm": fingerprint(args.gold_rm)}
     marker = os.path.join(args.out, "results.json")
     complete = all(os.path.isfile(os.path.join(args.out, f)) for f in ("results.md", "generations.jsonl"))
-    if not args.overwrite and complete and same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
+    dist.init_distributed(args.dist_timeout)
+    # rank 0 decides from its file system and tells the others, so that every rank stops or goes on together
+    done = dist.broadcast(rank() == 0 and not args.overwrite and complete
+                          and same_settings(marker, vars(args), inputs, ignore=("overwrite", "dist_timeout")))
+    if done:
         log(f"{args.out}: complete results with the same settings and inputs; nothing to do (--overwrite reruns)\n")
         log(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
         return
@@ -492,7 +511,6 @@ def main():
     log(f"{len(prompts)} prompts from {args.prompts}; policies: {', '.join(f'{n}={p}' for n, p in pols.items())}")
     for path in [*pols.values(), *([args.gold_rm] if args.gold_rm else [])]:
         check_model_dir(path)
-    dist.init_distributed()
     dev = dist.device()
     host = HostMemory(pols.values(), args.trust_remote_code)  # its baseline: code imported, no weights
 
@@ -502,7 +520,8 @@ def main():
     if args.overwrite and rank() == 0:  # evaluate from scratch, not from an earlier run's batches
         remove_dir(os.path.join(args.out, "results.partial"))
     partial = Partial(os.path.join(args.out, "results"),
-                          {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs})
+                      {"args": {k: v for k, v in vars(args).items() if k not in ("overwrite", "dist_timeout")},
+                       "inputs": inputs})
     gen_stats, responses = {}, {}
     for name, path in pols.items():
         responses[name] = dist.broadcast(sample_policy(args, name, path, prompts, dev, gen_stats, partial))

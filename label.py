@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true",
                    help="relabel even if a complete output with the same settings exists, or replace a file that "
                         "is not label.py's output")
+    o.add_argument("--dist-timeout", type=float, default=dist.DIST_TIMEOUT_MIN,
+                   help="minutes a process waits for the others in a collective under torchrun")
     o.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model folder/hub (only from the command line)")
     return ap
@@ -78,7 +80,7 @@ def parse_args() -> argparse.Namespace:
             ap.error(f"--{k} is required (or --teacher: the weak teacher of the run in --run-dir)")
     args.beta = 0.1 if args.beta is None else args.beta
     args.max_len = 512 if args.max_len is None else args.max_len
-    check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1")
+    check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1", dist_timeout="> 0")
     outputs.check_apart({"--out": args.out, "--out's summary": runs.summary_path(args.out),
                          "--out's partial results": args.out + ".partial"},
                         {"--data": args.data, "--model": args.model, "--ref": args.ref})
@@ -100,7 +102,7 @@ def check_out(args) -> None:
 def resolve_teacher(args) -> None:
     """--teacher: the run's teacher and data, unless given explicitly; both models must be finished trainings."""
     run = args.run_dir = os.path.abspath(args.run_dir or runs.DEFAULT_RUN)
-    runs.prepare_if_default(run)
+    runs.prepare_if_default(run, args.dist_timeout)
     cfg = runs.read_run_config(run)
     for key, stage, sub in (("ref", "teacher/sft", "sft"), ("model", "teacher/dpo", "dpo")):
         if getattr(args, key) is None:
@@ -145,12 +147,14 @@ def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool
     input's chosen response and y2 its rejected one, each prompt run once per model for both when share
     (wlt.pair_logps)."""
     batch = [exs[i] for i in idx]
-    logps_w = wlt.pair_logps(pol, batch, pad, share)                                    # [B, 2] under pi_w
+    # the output head in fp32 under bf16 autocast too: bf16 logits move a real response's log-prob by ~0.1 nat,
+    # as much as many a pair's margin (docs/scaling.md measures it)
+    logps_w = wlt.pair_logps(pol, batch, pad, share, head_dtype=torch.float32)          # [B, 2] under pi_w
     if ref is None:  # one model: its adapter off is pi_ref
         with wlt.lora_disabled(pol):
-            logps_ref = wlt.pair_logps(pol, batch, pad, share)                          # [B, 2] under pi_ref
+            logps_ref = wlt.pair_logps(pol, batch, pad, share, head_dtype=torch.float32)  # [B, 2] under pi_ref
     else:
-        logps_ref = wlt.pair_logps(ref, batch, pad, share)
+        logps_ref = wlt.pair_logps(ref, batch, pad, share, head_dtype=torch.float32)
     w, r = logps_w.float().cpu().tolist(), logps_ref.float().cpu().tolist()
     return {i: {"pi_w": w[j], "pi_ref": r[j]} for j, i in enumerate(idx)}
 
@@ -188,11 +192,14 @@ def main():
             fit_max_len(args, path, flag)
     inputs = {k: fingerprint(getattr(args, k)) for k in ("model", "ref", "data")}
     marker = runs.summary_path(args.out)
-    if not args.overwrite and os.path.isfile(args.out) and same_settings(marker, vars(args), inputs, ignore=("overwrite",)):
+    check_out(args)
+    dist.init_distributed(args.dist_timeout)
+    # rank 0 decides from its file system and tells the others, so that every rank stops or goes on together
+    done = dist.broadcast(rank() == 0 and not args.overwrite and os.path.isfile(args.out)
+                          and same_settings(marker, vars(args), inputs, ignore=("overwrite", "dist_timeout")))
+    if done:
         log(f"{args.out}: already labeled with the same settings and inputs; nothing to do (--overwrite relabels)")
         return
-    check_out(args)
-    dist.init_distributed()
     dev = dist.device()
 
     # ---- setup: the data, read and tokenized by every process (cheap next to the forwards); the teacher
@@ -218,7 +225,8 @@ def main():
     # stay whole until the new ones replace them at the end
     if args.overwrite and rank() == 0:  # relabel from scratch, not from an earlier run's batches
         remove_dir(args.out + ".partial")
-    partial = Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k != "overwrite"}, "inputs": inputs,
+    partial = Partial(args.out, {"args": {k: v for k, v in vars(args).items() if k not in ("overwrite", "dist_timeout")},
+                                 "inputs": inputs,
                                  "values": "pi_w, pi_ref"})
     resumed = sum(len(b) for k, b in enumerate(batches) if f"label:{k}" in partial.done)  # labeled before a kill
     t0 = time.time()

@@ -140,7 +140,16 @@ def held_out_metrics(model, evals: list[dict], ref_eval: torch.Tensor, pad: int,
 # cached reference. Every other flag is part of its key, so a flag added later can only cause a recomputation.
 NOT_IN_REFERENCE = ("lr", "beta", "loss_type", "label_smoothing", "lora_alpha", "lora_dropout", "warmup_ratio",
                     "weight_decay", "max_grad_norm", "eval_every", "save_every", "save_dtype", "max_shard_size",
-                    "report_to", "resume", "overwrite", "share_prompt", "dtype")
+                    "report_to", "resume", "overwrite", "share_prompt", "dtype", "dist_timeout")
+
+
+def reference_key(args, inputs: dict, share: bool, dev: torch.device) -> dict:
+    """What the cached reference log-probs depend on: every flag outside NOT_IN_REFERENCE, the inputs, and how the
+    run was resolved (the compute dtype and device type, not the --dtype flag: `auto` is fp32 on a CPU and bf16 on
+    CUDA; the processes and micro-batches, which lay out the rows; prompt sharing; the torch release)."""
+    return {**{k: v for k, v in vars(args).items() if k not in NOT_IN_REFERENCE}, "inputs": inputs,
+            "share_prompt": share, "compute_dtype": str(dist.compute_dtype(dev, args.dtype)), "device": dev.type,
+            "processes": dist.world_size(), "micro": trainer.micro_batch_size(args), "torch": torch.__version__}
 
 
 def reference_logps(args, model, train: list[dict], evals: list[dict], plan: list[list[int]], pad: int, share: bool,
@@ -149,16 +158,13 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
     pairs, [N_eval, 2]: the model with its adapter off (or --ref, or zeros with --reference-free), before a
     checkpoint is loaded (a full fine-tune's reference is the starting model). Computed over exactly the
     micro-batches each process will train on, so that at step 1, where pi == pi_ref, every reward is exactly 0
-    and the loss exactly log 2, not float noise. Kept in --out/ref_logps.safetensors under a key of every
-    setting it depends on: the flags outside NOT_IN_REFERENCE, the inputs, and how they were resolved."""
+    and the loss exactly log 2, not float noise. Kept in --out/ref_logps.safetensors under reference_key."""
     per_epoch = trainer.steps_per_epoch(len(train), args.batch_size)  # plan[step] is in epoch step // per_epoch
     epochs, micro = -(-len(plan) // per_epoch), trainer.micro_batch_size(args)
     if args.reference_free:
         return torch.zeros(epochs, len(train), 2), torch.zeros(len(evals), 2)
     dev = dist.device()
-    key = {**{k: v for k, v in vars(args).items() if k not in NOT_IN_REFERENCE}, "inputs": inputs,
-           "share_prompt": share, "compute_dtype": str(dist.compute_dtype(dev, args.dtype)), "device": dev.type,
-           "processes": dist.world_size(), "micro": micro, "torch": torch.__version__}
+    key = reference_key(args, inputs, share, dev)
     cached = checkpoint.load_ref_logps(args.out, key)
     if cached is not None:
         return cached

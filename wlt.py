@@ -138,9 +138,14 @@ def head_of(model) -> dict | None:
     return {"weight": head.weight, "bias": head.bias, "scale": scale, "softcap": softcap}
 
 
-def _chunk_logits(h: torch.Tensor, weight, bias, scale: float, softcap) -> torch.Tensor:
-    """[n, H] -> fp32 logits z = post(scale * (h W^T + b)), [n, V]."""
-    u = F.linear(h, weight, bias).float()
+def _chunk_logits(h: torch.Tensor, weight, bias, scale: float, softcap, dtype=None) -> torch.Tensor:
+    """[n, H] -> fp32 logits z = post(scale * (h W^T + b)), [n, V], the product computed in the autocast dtype, or in
+    fp32 when dtype is torch.float32 (then no logit is rounded to bf16 first)."""
+    if dtype == torch.float32:
+        with torch.autocast(h.device.type, enabled=False):
+            u = F.linear(h.float(), weight.float(), None if bias is None else bias.float())
+    else:
+        u = F.linear(h, weight, bias).float()
     if scale != 1.0:
         u = u * scale
     return softcap * torch.tanh(u / softcap) if softcap else u
@@ -151,13 +156,13 @@ class _TokenLogps(torch.autograd.Function):
     saved: backward recomputes each chunk's logits, under the autocast state the forward ran in."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, scale, softcap, rows):
+    def forward(ctx, h, weight, bias, targets, scale, softcap, rows, dtype):
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], rows):
-            z = _chunk_logits(h[s:s + rows], weight, bias, scale, softcap)
+            z = _chunk_logits(h[s:s + rows], weight, bias, scale, softcap, dtype)
             out[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
         ctx.save_for_backward(h, weight, bias, targets)
-        ctx.scale, ctx.softcap, ctx.rows = scale, softcap, rows
+        ctx.scale, ctx.softcap, ctx.rows, ctx.dtype = scale, softcap, rows, dtype
         dev = h.device.type  # autocast is off when autograd runs a backward: record it here, re-enter it there
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return out
@@ -173,7 +178,7 @@ class _TokenLogps(torch.autograd.Function):
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             for s in range(0, h.shape[0], ctx.rows):
                 hs, g = h[s:s + ctx.rows], grad_out[s:s + ctx.rows].float()
-                z = _chunk_logits(hs, weight, bias, ctx.scale, ctx.softcap)
+                z = _chunk_logits(hs, weight, bias, ctx.scale, ctx.softcap, ctx.dtype)
                 # d out / d z = onehot(target) - softmax(z), times the incoming gradient
                 dz = torch.softmax(z, dim=-1).mul_(-g[:, None])
                 dz.scatter_add_(1, targets[s:s + ctx.rows, None], g[:, None])  # one target a row: no collisions
@@ -188,18 +193,21 @@ class _TokenLogps(torch.autograd.Function):
                 if need_b:
                     gb += dz.sum(0)
         return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
-def token_logps(hidden: torch.Tensor, head: dict, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def token_logps(hidden: torch.Tensor, head: dict, targets: torch.Tensor, chunk: int | None = None,
+                head_dtype: torch.dtype | None = None) -> torch.Tensor:
     """log p(target | hidden) at N selected positions: hidden [N, H] (each the state that predicts its target),
     targets [N] -> [N] fp32, p the model's own output distribution (head_of). A full log_softmax's numbers up to
     fp32 rounding (logit - logsumexp, not the same float operations: a few ulps apart), computed [chunk / V rows,
-    V] at a time, forward and backward (_TokenLogps): no [N, V] tensor exists."""
+    V] at a time, forward and backward (_TokenLogps): no [N, V] tensor exists. head_dtype torch.float32: the head's
+    product in fp32 under bf16 autocast too (bf16 logits round a response's log-prob by about 0.1 nat)."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
     rows = max(1, (chunk or LOGPS_CHUNK) // head["weight"].shape[0])
-    return _TokenLogps.apply(hidden, head["weight"], head["bias"], targets, head["scale"], head["softcap"], rows)
+    return _TokenLogps.apply(hidden, head["weight"], head["bias"], targets, head["scale"], head["softcap"], rows,
+                             head_dtype)
 
 
 def row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,16 +217,16 @@ def row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> torch.Tensor:
+                   labels: torch.Tensor, head_dtype: torch.dtype | None = None) -> torch.Tensor:
     """log pi(y|x): response_logps_plain's number without its [B, T, V] logits. [B, T] x 3 -> [B] fp32.
-    Families outside HEAD_POST take the plain path."""
+    Families outside HEAD_POST take the plain path. head_dtype: token_logps's."""
     head = head_of(model)
     if head is None:
         return response_logps_plain(model, input_ids, attention_mask, labels)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]                                         # [B, T-1]: position t predicts token t + 1
     response = targets != IGNORE                                    # [B, T-1]
-    lp = token_logps(hidden[:, :-1][response], head, targets[response])   # [N], row by row
+    lp = token_logps(hidden[:, :-1][response], head, targets[response], head_dtype=head_dtype)   # [N], row by row
     return row_sums(lp, response)
 
 
@@ -236,6 +244,9 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 SHARE_PROMPT = {"opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma"}  # take position_ids
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the parts of a pair's segment; -1 marks padding
+# Above this many tokens in a batch's longest pair, pairs run as whole sequences: a packed row's [T, T] mask and
+# the dense attention it needs grow as T^2 (docs/training.md: where packing stops paying)
+PACK_MAX_LEN = 2048
 
 
 def can_share_prompt(model) -> bool:
@@ -261,10 +272,10 @@ def pack_rows(lengths: list[int]) -> list[list[int]]:
     return rows
 
 
-def pack_pairs(pairs: list[dict], pad: int, device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_pairs(pairs: list[dict], pad: int, device) -> tuple[dict, list[tuple]]:
     """B tokenized pairs -> (the model's inputs: input_ids and position_ids [R, T], attention_mask [R, 1, T, T]
-    bool; the states that predict the response tokens, as an index into [R * T], [N]; those tokens, [N]; which
-    of them belong to which response, [2B, L] bool: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...)."""
+    bool; and for the chosen responses, then the rejected ones: the states that predict their tokens, as an index
+    into the flattened [R * T] states, [N]; those tokens, [N]; which of them are whose, [B, L] bool)."""
     lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs]
     layout = pack_rows(lengths)
     R, T = len(layout), max(lengths)
@@ -296,18 +307,21 @@ def pack_pairs(pairs: list[dict], pad: int, device) -> tuple[dict, torch.Tensor,
             & ~((part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)))
     sees |= (owner < 0)[:, :, None] & torch.eye(T, dtype=torch.bool, device=device)
     inputs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "attention_mask": sees[:, None]}
-    states = torch.cat([s for chosen, rejected in pred for s in (chosen, rejected)])
-    targets = torch.tensor([t for e in pairs for t in e["chosen_ids"] + e["rejected_ids"]], dtype=torch.long)
-    n = torch.tensor([len(e[k]) for e in pairs for k in ("chosen_ids", "rejected_ids")])      # [2B]
-    response = torch.arange(int(n.max()))[None, :] < n[:, None]                                 # [2B, L]
-    return inputs, states.to(device), targets.to(device), response.to(device)
+    responses = []
+    for k, key in enumerate(("chosen_ids", "rejected_ids")):
+        states = torch.cat([pred[i][k] for i in range(len(pairs))])
+        targets = torch.tensor([t for e in pairs for t in e[key]], dtype=torch.long)
+        n = torch.tensor([len(e[key]) for e in pairs])
+        responses.append((states.to(device), targets.to(device), (torch.arange(int(n.max()))[None, :] < n[:, None]).to(device)))
+    return inputs, responses
 
 
-def pair_logps(model, pairs: list[dict], pad: int, share_prompt: bool | None = None) -> torch.Tensor:
+def pair_logps(model, pairs: list[dict], pad: int, share_prompt: bool | None = None,
+               head_dtype: torch.dtype | None = None) -> torch.Tensor:
     """[B, 2]: log pi(chosen | x), log pi(rejected | x) of B tokenized pairs (prompt_ids, chosen_ids,
     rejected_ids). share_prompt (default: can_share_prompt) packs each pair into one row, its prompt run once for
     both responses; else the 2B sequences go through whole (response_logps on collate_pairs). The same numbers
-    either way, up to fp32 rounding, with or without gradients."""
+    either way, up to fp32 rounding, with or without gradients. head_dtype: token_logps's."""
     if share_prompt is None:
         share_prompt = can_share_prompt(model)
     elif share_prompt and not can_share_prompt(model):
@@ -316,18 +330,20 @@ def pair_logps(model, pairs: list[dict], pad: int, share_prompt: bool | None = N
     cfg = model.config
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs)
-    if not share_prompt or (window and longest > window):  # a given mask would lift the sliding window
+    if not share_prompt or longest > PACK_MAX_LEN or (window and longest > window):  # a mask lifts a window
         dev = next(model.parameters()).device
         batch = {k: v.to(dev) for k, v in collate_pairs(pairs, pad).items()}
-        return torch.stack(response_logps(model, **batch).chunk(2), dim=-1)
+        return torch.stack(response_logps(model, **batch, head_dtype=head_dtype).chunk(2), dim=-1)
     head = head_of(model)
-    inputs, states, targets, response = pack_pairs(pairs, pad, head["weight"].device)
+    inputs, responses = pack_pairs(pairs, pad, head["weight"].device)
     if cfg._attn_implementation == "eager":  # eager attention adds its mask to the scores
-        inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, device=states.device).masked_fill_(
+        inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, device=head["weight"].device).masked_fill_(
             ~inputs["attention_mask"], torch.finfo(torch.float32).min)
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state               # [R, T, H]
-    lp = token_logps(hidden.flatten(0, 1)[states], head, targets)                         # [N]
-    return row_sums(lp, response).view(-1, 2)                                             # [B, 2]
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)  # [R * T, H]
+    # chosen, then rejected: a gather each, so that no state is taken twice in one (the prompt's last state predicts
+    # both first tokens; CUDA would sum a repeated index's gradients with atomic adds, in no fixed order)
+    return torch.stack([row_sums(token_logps(hidden[states], head, targets, head_dtype=head_dtype), mask)
+                        for states, targets, mask in responses], dim=-1)                 # [B, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------

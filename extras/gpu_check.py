@@ -1,19 +1,25 @@
 """The GPU check: the code paths that only a CUDA machine runs, run once, each step one PASS/FAIL line with its
-figure and a table last. On one GPU it takes about 9 minutes.
+figure and a table last. On one GPU it takes about 10 minutes.
 
-    python extras/gpu_check.py              on a CUDA machine: steps a-e at full size
+    python extras/gpu_check.py              on a CUDA machine: steps a-f at full size
     python extras/gpu_check.py --dry        anywhere: the same steps at a tiny shape (automatic without CUDA)
 
   a  the method's tests with their tiny models on the device (WLT_TEST_DEVICE, docs/tests.md): the kernel
-     against the plain definition, the losses, LoRA, label.py, both trainers, the cached reference
+     against the plain definition, the losses, LoRA, label.py, both trainers, the cached reference, the CUDA
+     paths' checks; then the trainers' tests again with the scripts in their default dtype (bf16 autocast)
   b  `bash launch.sh` on the synthetic world; its results table against the CPU one printed in README.md:
      every policy's gold reward within 3 combined standard errors (sqrt(se_cpu^2 + se_gpu^2))
   c  a LoRA-DPO run with checkpoints every 2 steps, killed with SIGKILL before step 5 (tests/inject.py) and
-     resumed with --resume: its final weights bit-equal to an uninterrupted run's
+     resumed with --resume: its final weights bit-equal to an uninterrupted run's. Every run of the step is
+     deterministic (torch.use_deterministic_algorithms, through tests/inject.py): the memory-efficient
+     attention's backward and cuBLAS otherwise choose their own summation order
   d  extras/bench.py at Llama-3.2-1B's shape (128,256-token vocabulary, random weights), sequences of ~1k
      tokens, 8 pairs per step: labeling, DPO and SFT, wlt against the plain baseline, peak device memory and
      the share of the measured bf16 matmul rate
   e  `python wlt.py estimate` for the DPO run of d against its measured peak (weights included): within 20%
+  f  2 processes, with 2 GPUs or more (skipped on one): test_fsdp.py and test_cuda_paths.py on the GPUs,
+     NCCL for gloo: 2 processes = 1, FSDP2's bf16 policy, the load broadcast from rank 0, a checkpoint saved and
+     resumed through torch.distributed.checkpoint, the timeout and the ranks that see different files
 
 Step d's plain baseline holds two models and [16, 1025, 128256] fp32 logits with their log-softmax beside the
 activations of a DPO step: it is sized for a GPU of about 140 GB. On an 80 GB one that side may run out of
@@ -39,9 +45,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "extras")]
 
-STEPS = "abcde"
+STEPS = "abcdef"
 METHOD_TESTS = ["tests/test_kernel.py", "tests/test_math.py", "tests/test_lora.py", "tests/test_label.py",
-                "tests/test_train.py", "tests/test_trainer_rules.py::test_reference_log_probs_are_cached_and_reused"]
+                "tests/test_train.py", "tests/test_trainer_rules.py::test_reference_log_probs_are_cached_and_reused",
+                "tests/test_cuda_paths.py", "-k", "not two_processes and not rank and not slow_rank"]
+DEFAULT_DTYPE_TESTS = ["tests/test_train.py"]  # what a run does, not its digits: fit for bf16
+TWO_GPU_TESTS = ["tests/test_fsdp.py", "tests/test_cuda_paths.py"]
+DRY_TWO = ["tests/test_cuda_paths.py", "-k", "bf16_policy"]
 DRY_TESTS = ["tests/test_math.py", "-k", "step0_identity or sigmoid_by_hand"]
 # full size: the shape the issue names; dry: seconds on a CPU
 BENCH = {"full": ["--model", "llama-3.2-1b", "--prompt-tokens", "96-128", "--response-tokens", "832-896",
@@ -54,17 +64,21 @@ SMALL_LAUNCH = {"PREPARE_ARGS": "--num-pairs 200 --num-test 12", "SFT_ARGS": "--
 DPO_RESUME = ["--max-steps", "6", "--batch-size", "8", "--save-every", "2", "--lora-dropout", "0.2", "--lr", "1e-2",
               "--eval-pairs", "0"]
 # seconds per step at full size: 9 minutes in all; the dry mode's steps are short but CPUs are slow
-TIMEOUT = {"full": {"a": 140, "b": 140, "c": 50, "d": 180, "e": 30}, "dry": {k: 300 for k in STEPS}}
+TIMEOUT = {"full": {"a": 160, "b": 140, "c": 50, "d": 180, "e": 30, "f": 120}, "dry": {k: 300 for k in STEPS}}
 
 
 class Step:
-    """One step's outcome: ok (True/False), its figure, and what the table shows."""
+    """One step's outcome: ok (True/False), its figure, and what the table shows; skipped: not run here (not a
+    failure)."""
 
-    def __init__(self, name: str, ok: bool, figure: str):
-        self.name, self.ok, self.figure = name, ok, figure
+    def __init__(self, name: str, ok: bool, figure: str, skipped: bool = False):
+        self.name, self.ok, self.figure, self.skipped = name, ok, figure, skipped
+
+    def verdict(self) -> str:
+        return "SKIP" if self.skipped else "PASS" if self.ok else "FAIL"
 
     def line(self) -> str:
-        return f"{'PASS' if self.ok else 'FAIL'} {self.name} {self.figure}"
+        return f"{self.verdict()} {self.name} {self.figure}"
 
 
 def run(cmd: list[str], log: str, timeout: float, env: dict | None = None) -> tuple[int | None, str]:
@@ -122,15 +136,26 @@ def compare_tables(cpu: dict, gpu: dict, k: float = 3.0) -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------------------------
 # the steps
 
+def pytest_step(name: str, tests: list[str], log: str, limit: float, env: dict) -> tuple[bool, str]:
+    """Run pytest on `tests` under env: (ok, its summary line and the seconds)."""
+    t0 = time.time()
+    rc, out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], log, limit, env)
+    if rc is None:
+        return False, failed(rc, out, limit)
+    summary = [x for x in out.splitlines() if re.search(r"\d+ (passed|failed|error)", x)][-1:] or [""]
+    return rc == 0, f"{summary[0].strip('= ')} ({time.time() - t0:.0f} s)"
+
+
 def step_a(args, work: str) -> Step:
     tests = args.tests.split() if args.tests else (DRY_TESTS if args.dry else METHOD_TESTS)
     env = {"WLT_TEST_DEVICE": "cpu" if args.dry else "cuda"}
-    t0 = time.time()
-    rc, out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                  os.path.join(work, "a_tests.log"), TIMEOUT[args.size]["a"], env)
-    summary = [x for x in out.splitlines() if re.search(r"\d+ (passed|failed|error)", x)][-1:] or [""]
-    fig = f"{summary[0].strip('= ')} on {env['WLT_TEST_DEVICE']} ({time.time() - t0:.0f} s)"
-    return Step("a", rc == 0, fig if rc is not None else failed(rc, out, TIMEOUT[args.size]["a"]))
+    ok, fig = pytest_step("a", tests, os.path.join(work, "a_tests.log"), TIMEOUT[args.size]["a"], env)
+    fig = f"{fig} on {env['WLT_TEST_DEVICE']}"
+    if not args.tests and not args.dry:  # the scripts in their own default dtype too: bf16 autocast on CUDA
+        ok2, fig2 = pytest_step("a", DEFAULT_DTYPE_TESTS, os.path.join(work, "a_default_dtype.log"),
+                                TIMEOUT[args.size]["a"], dict(env, WLT_TEST_SCRIPT_DTYPE="default"))
+        ok, fig = ok and ok2, f"{fig}; scripts in their default dtype: {fig2}"
+    return Step("a", ok, fig)
 
 
 def step_b(args, work: str) -> Step:
@@ -194,19 +219,21 @@ def step_c(args, work: str) -> Step:
     common = ["--model", os.path.join(run_dir, "models", "teacher-base"),
               "--data", os.path.join(run_dir, "data", "labeled.jsonl"), *DPO_RESUME]
     full, cut = os.path.join(work, "c_full"), os.path.join(work, "c_cut")
-    # cuBLAS picks its reduction order per workspace: a fixed workspace makes reruns reproducible
+    # cuBLAS picks its reduction order per workspace: a fixed workspace makes reruns reproducible (and is what
+    # deterministic algorithms require of it)
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     limit = TIMEOUT[args.size]["c"]
-    rc, out = run([sys.executable, dpo, *common, "--out", full], os.path.join(work, "c_full.log"), limit, env)
+    inject = os.path.join(ROOT, "tests", "inject.py")
+    rc, out = run([sys.executable, inject, "deterministic", dpo, *common, "--out", full],
+                  os.path.join(work, "c_full.log"), limit, env)
     if rc != 0:
         return Step("c", False, "uninterrupted run: " + failed(rc, out, limit))
-    inject = os.path.join(ROOT, "tests", "inject.py")
-    rc, out = run([sys.executable, inject, "step:5", dpo, *common, "--out", cut], os.path.join(work, "c_killed.log"),
-                  limit, env)
+    rc, out = run([sys.executable, inject, "deterministic,step:5", dpo, *common, "--out", cut],
+                  os.path.join(work, "c_killed.log"), limit, env)
     if rc != -signal.SIGKILL:
         return Step("c", False, f"the run to kill was not killed (exit {rc})")
-    rc, out = run([sys.executable, dpo, *common, "--out", cut, "--resume"], os.path.join(work, "c_resumed.log"),
-                  limit, env)
+    rc, out = run([sys.executable, inject, "deterministic", dpo, *common, "--out", cut, "--resume"],
+                  os.path.join(work, "c_resumed.log"), limit, env)
     if rc != 0 or "resumed from" not in out:
         return Step("c", False, "resumed run: " + (failed(rc, out, limit) if rc != 0 else "did not resume"))
     ok, fig = same_weights(full, cut)
@@ -289,7 +316,17 @@ def estimate_vs_measured(res: dict, work: str, whole: bool = True) -> tuple[floa
     return est["total"] - est["weights"], mine["peak"]
 
 
-RUNNERS = {"a": step_a, "b": step_b, "c": step_c, "d": step_d, "e": step_e}
+def step_f(args, work: str) -> Step:
+    import torch
+    if not args.dry and torch.cuda.device_count() < 2:
+        return Step("f", True, f"{torch.cuda.device_count()} GPU: 2 processes need 2", skipped=True)
+    env = {"WLT_TEST_DEVICE": "cpu" if args.dry else "cuda"}
+    ok, fig = pytest_step("f", DRY_TWO if args.dry else TWO_GPU_TESTS, os.path.join(work, "f_two_processes.log"),
+                          TIMEOUT[args.size]["f"], env)
+    return Step("f", ok, f"2 processes ({'gloo' if args.dry else 'nccl'}): {fig}")
+
+
+RUNNERS = {"a": step_a, "b": step_b, "c": step_c, "d": step_d, "e": step_e, "f": step_f}
 
 
 def main():
@@ -348,12 +385,13 @@ def main():
         print(r.line(), flush=True)
     print("\n| step | result | seconds | figure |\n| --- | --- | ---: | --- |")
     for r in results:
-        print(f"| {r.name} | {'PASS' if r.ok else 'FAIL'} | {r.seconds:.0f} | {r.figure.replace('|', '/')} |")
+        print(f"| {r.name} | {r.verdict()} | {r.seconds:.0f} | {r.figure.replace('|', '/')} |")
     from lib import files
     files.write_json(os.path.join(work, "gpu_check.json"), {
         "machine": what, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "settings": {k: v for k, v in vars(args).items()},
-        "steps": [{"step": r.name, "ok": r.ok, "seconds": round(r.seconds, 1), "figure": r.figure} for r in results]})
+        "steps": [{"step": r.name, "ok": r.ok, "skipped": r.skipped, "seconds": round(r.seconds, 1), "figure": r.figure}
+                  for r in results]})
     print(f"\n{what}; logs and gpu_check.json in {work}")
     sys.exit(0 if all(r.ok for r in results) else 1)
 

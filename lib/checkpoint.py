@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 import wlt
+from lib import dist
 from lib.console import WltError, log, one_line
-from lib.dist import rank, world_size
-from lib.dist import barrier
+from lib.dist import barrier, rank, world_size
 from lib.files import atomic_write, read_json, remove_dir, write_json
 
 
@@ -321,7 +321,16 @@ def save_checkpoint(out_dir: str, model: nn.Module, opt, sched, step: int, setti
 
 def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[str | None, int]:
     """(folder, step) of a complete checkpoint in out_dir made with the same settings and inputs, or (None, 0).
-    A checkpoint of other settings is removed, so it can never be resumed later by mistake. Every rank calls it."""
+    A checkpoint of other settings is removed, so it can never be resumed later by mistake. Every rank calls it;
+    rank 0 decides from its file system and tells the others, so that every rank resumes from the same step."""
+    found, step = dist.broadcast(_checkpoint_found(out_dir, settings, inputs) if rank() == 0 else None)
+    if found is None and rank() == 0:
+        remove_checkpoints(out_dir)
+    barrier()  # the checkpoint is read only after rank 0 has decided (and removed one of other settings)
+    return found, step
+
+
+def _checkpoint_found(out_dir: str, settings: dict, inputs: dict) -> tuple[str | None, int]:
     found, step = None, 0
     for d in (CKPT, CKPT + ".old"):
         path = os.path.join(out_dir, d)
@@ -345,9 +354,6 @@ def checkpoint_to_resume(out_dir: str, settings: dict, inputs: dict) -> tuple[st
         else:
             log(f"{path}: made with other settings or inputs; starting from step 0")
         break
-    barrier()  # every rank has read it before it may be removed
-    if found is None and rank() == 0:
-        remove_checkpoints(out_dir)
     return found, step
 
 
@@ -407,7 +413,12 @@ def save_ref_logps(out_dir: str, key: dict, train: torch.Tensor, evals: torch.Te
 
 
 def load_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached reference log-probs (train, eval) when they were made with the same key, else None."""
+    """The cached reference log-probs (train, eval) when they were made with the same key, else None. Rank 0
+    reads them and sends them to the others: every rank reuses them, or every rank computes them again."""
+    return dist.broadcast(_read_ref_logps(out_dir, key) if rank() == 0 else None)
+
+
+def _read_ref_logps(out_dir: str, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     from safetensors import safe_open
     path = os.path.join(out_dir, REF_LOGPS)
     try:

@@ -3,6 +3,7 @@ data-parallel helpers the scripts share. A plain `python` run is one process and
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import math
 import os
@@ -23,8 +24,10 @@ def world_size() -> int:
 
 
 def device() -> torch.device:
+    """This process's GPU (its local rank, modulo the GPUs it sees: a launcher that shows each process one GPU
+    gives every local rank cuda:0), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -41,13 +44,32 @@ def compute_dtype(dev: torch.device, dtype: str = "auto") -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else torch.float32
 
 
-def init_distributed() -> None:
-    """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python` run is one process."""
+DIST_TIMEOUT_MIN = 60.0  # --dist-timeout's default
+_timeout_min = DIST_TIMEOUT_MIN  # the one this process's group was made with
+
+
+def init_distributed(timeout_min: float = DIST_TIMEOUT_MIN) -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python` run is one process.
+    timeout_min (--dist-timeout): how long a rank waits in a collective for the others. Rank 0 alone loads the
+    full model (build_model) and writes the final checkpoint while the others wait; NCCL's default of 10
+    minutes is too short for a 7B model read from a hub or a slow disk."""
     if world_size() > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
-        torch.distributed.init_process_group(backend)
+        global _timeout_min
+        _timeout_min = timeout_min
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+
+
+def timed_out(e: BaseException) -> str | None:
+    """One line for a collective that waited longer than --dist-timeout (gloo raises it as a RuntimeError in
+    the rank that waited; NCCL's watchdog ends the process itself), else None."""
+    if not (isinstance(e, RuntimeError) and torch.distributed.is_initialized() and "timed out" in str(e).lower()):
+        return None
+    return (f"rank {rank()}: waited longer than --dist-timeout {_timeout_min:g} min for another process in a collective ("
+            f"{' '.join(str(e).split()).split('] ', 1)[-1][:150]}); rank 0 alone loads the whole model and writes the final "
+            f"checkpoint while the others wait: if that takes longer, raise --dist-timeout (minutes)")
 
 
 def barrier() -> None:
@@ -116,10 +138,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def mixed_precision(dev: torch.device, dtype: str = "auto"):
-    """FSDP2's precision: bf16 parameters with fp32 gradient reduction on CUDA unless --dtype fp32 asks for
-    fp32 there; plain fp32 on CPU (where bf16 is autocast's alone)."""
+    """FSDP2's precision: where the compute dtype is bf16 (CUDA by default, --dtype bf16 anywhere), bf16
+    parameters gathered for the forward and backward, gradients reduced in fp32 onto fp32 master shards; plain
+    fp32 otherwise. The same policy on CPU (gloo) as on CUDA (nccl), so the tests run the path a GPU runs."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
-    if dev.type == "cuda" and compute_dtype(dev, dtype) == torch.bfloat16:
+    if compute_dtype(dev, dtype) == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 

@@ -96,7 +96,8 @@ def _saved_bytes(cfg, lora_rank: int, layers: int, batch: int, seq: int, dtype, 
 
 
 def estimate_memory(cfg, nproc: int = 1, lora_rank: int = 0, micro_batch: int = 1, max_len: int = 512,
-                    kind: str = "dpo", dtype: str = "bf16", activation_checkpointing: bool = False) -> dict:
+                    kind: str = "dpo", dtype: str = "bf16", activation_checkpointing: bool = False,
+                    batch_size: int | None = None) -> dict:
     """Expected peak memory per device (bytes) of train_sft.py / train_dpo.py, by part:
 
     weights      fp32 master weights, sharded over nproc (FSDP2)
@@ -109,6 +110,13 @@ def estimate_memory(cfg, nproc: int = 1, lora_rank: int = 0, micro_batch: int = 
                  and 2 blocks and extrapolated linearly in the blocks; with activation checkpointing, one
                  block input per block plus one block's activations
     head         the log-prob kernel: hidden states at response positions and three [chunk, V] fp32 blocks
+    mask         DPO's packed pairs (wlt.pack_pairs, up to wlt.PACK_MAX_LEN tokens): a [R, 1, T, T] boolean mask,
+                 R <= micro rows of T = max_len, once per micro-batch; and, on CUDA (dtype bf16), the bf16 bias
+                 that the memory-efficient attention kernel makes of it in every layer and keeps for backward
+                 (recomputed instead under activation checkpointing). It grows as T^2
+    unsharded    gradient accumulation under FSDP2 (batch_size more than one micro-batch per process): between the
+                 micro-batches of a step the gradients are not reduce-scattered, so every rank holds the whole
+                 model's trainable gradients, unsharded, in the reduce dtype (fp32)
     """
     c = 2 if dtype == "bf16" else 4
     cdt = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -135,6 +143,11 @@ def estimate_memory(cfg, nproc: int = 1, lora_rank: int = 0, micro_batch: int = 
         acts = outside + L * per_block
     V = model.get_output_embeddings().weight.shape[0]
     head = c * hidden * seqs * max_len + 3 * 4 * min(wlt.LOGPS_CHUNK, V * seqs * max_len)
+    mask = 0
+    if kind == "dpo" and max_len <= wlt.PACK_MAX_LEN:
+        per_layer = 2 * L if dtype == "bf16" and not activation_checkpointing else 0  # CUDA's bias, bf16
+        mask = micro_batch * max_len ** 2 * (1 + per_layer)
+    accumulating = batch_size is not None and -(-batch_size // nproc) > micro_batch
     parts = {
         "weights": 4 * n_all / nproc,
         "gathered": 0 if nproc == 1 else c * (n_root + 2 * n_block),
@@ -142,6 +155,8 @@ def estimate_memory(cfg, nproc: int = 1, lora_rank: int = 0, micro_batch: int = 
         "optimizer": 8 * n_train / nproc,
         "activations": acts,
         "head": head,
+        "mask": mask,
+        "unsharded": 4 * n_train if nproc > 1 and accumulating else 0,
     }
     parts["total"] = sum(parts.values())
     return {"bytes": parts, "parameters": n_all - n_lora, "lora": n_lora, "trainable": n_train, "blocks": L,
@@ -185,6 +200,9 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--kind", choices=["sft", "dpo"], default="dpo", help="SFT (sequences) or DPO (pairs: 2 sequences each)")
     e.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: 8 for DPO, 0 = full fine-tune for SFT)")
     e.add_argument("--micro-batch-size", type=int, default=1, help="sequences (SFT) or pairs (DPO) per device per forward")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, as the trainers' flag: more than --micro-batch-size per device means gradient "
+                        "accumulation, which under FSDP2 holds every trainable gradient unsharded (default: no accumulation)")
     e.add_argument("--max-len", type=int, default=512,
                    help="tokens per sequence (the estimate assumes every sequence is this long)")
     e.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (bf16 on CUDA, fp32 on CPU)")
@@ -198,7 +216,7 @@ def estimate_cli(args) -> dict:
     kind = args.kind
     lora = args.lora_rank if args.lora_rank is not None else (8 if kind == "dpo" else 0)
     res = estimate_memory(cfg, args.nproc, lora, args.micro_batch_size, args.max_len, kind, args.dtype,
-                          args.activation_checkpointing)
+                          args.activation_checkpointing, args.batch_size)
     gib = 2 ** 30
     what = (f"{args.model}: {res['parameters'] / 1e9:.2f}B parameters"
             + (f" + {res['lora'] / 1e6:.1f}M LoRA" if res["lora"] else "") + f" ({res['trainable'] / 1e6:.1f}M trainable), "

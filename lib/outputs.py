@@ -17,7 +17,7 @@ import os
 import shutil
 
 from lib.console import WltError, log, progress
-from lib.dist import barrier, gather_dicts, rank, world_size
+from lib.dist import barrier, broadcast, gather_dicts, rank, world_size
 from lib.files import appended_rows, read_json, remove_dir, write_json
 from lib.signals import signals_held
 
@@ -188,13 +188,8 @@ class Partial:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 os.makedirs(self.dir)
                 write_json(meta, settings)
-        barrier()
-        self.done = {}
-        for fn in sorted(os.listdir(self.dir)):
-            if fn.startswith("rank-") and fn.endswith(".jsonl"):
-                self.done.update((rec["k"], rec["v"]) for rec in appended_rows(os.path.join(self.dir, fn))
-                                 if isinstance(rec, dict) and "k" in rec and "v" in rec)
-        barrier()  # every rank has read the files before any rank appends to them
+        # what is finished: rank 0 reads it and tells the others, so that every rank deals out the same work
+        self.done = broadcast(self._read_done() if rank() == 0 else None)
         path = os.path.join(self.dir, f"rank-{rank()}.jsonl")
         if os.path.isfile(path) and os.path.getsize(path):
             with open(path, "rb") as f:
@@ -207,6 +202,14 @@ class Partial:
             self.f.write("\n")
         if self.done:
             log(f"{self.dir}: resuming with {len(self.done)} finished piece(s) of work")
+
+    def _read_done(self) -> dict:
+        done = {}
+        for fn in sorted(os.listdir(self.dir)):
+            if fn.startswith("rank-") and fn.endswith(".jsonl"):
+                done.update((rec["k"], rec["v"]) for rec in appended_rows(os.path.join(self.dir, fn))
+                            if isinstance(rec, dict) and "k" in rec and "v" in rec)
+        return done
 
     def add(self, key: str, value) -> None:
         self.f.write(json.dumps({"k": key, "v": value}) + "\n")

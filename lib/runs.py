@@ -58,13 +58,13 @@ def require(run: str, stage: str) -> None:
         raise WltError(f"{shown(run)}: {what} (no {marker}); run `{stage_command(run, stage)}` first")
 
 
-def prepare_if_default(run: str) -> None:
+def prepare_if_default(run: str, timeout_min: float = dist.DIST_TIMEOUT_MIN) -> None:
     """The default run is launch.sh's offline world: the scripts prepare it on first use, with the settings
     launch.sh uses, so that launch.sh later finds it prepared. Any other run folder must be prepared explicitly
     (`python wlt.py prepare`): nothing happens here for it."""
-    if os.path.abspath(run) != DEFAULT_RUN or finished(run, "prepare"):
+    if os.path.abspath(run) != DEFAULT_RUN:
         return
-    dist.init_distributed()
+    dist.init_distributed(timeout_min)  # every rank, whatever it sees: rank 0 alone looks and prepares
     if rank() == 0 and not finished(DEFAULT_RUN, "prepare"):
         log(f"{shown(DEFAULT_RUN)}: preparing the default synthetic world (first use)")
         prepare.prepare(prepare.parse_args(["--data", "synthetic", "--out", DEFAULT_RUN]))

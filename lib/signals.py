@@ -10,7 +10,7 @@ import signal
 import sys
 
 from lib.console import WltError
-from lib.dist import leave_process_group, rank
+from lib.dist import leave_process_group, rank, timed_out
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 # a scheduler's notice (SIGTERM before the kill; SIGUSR1 ahead of the time limit with SLURM's --signal=USR1@SECS):
@@ -82,6 +82,11 @@ def run_main(main) -> None:
         main()
     except WltError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if not timed_out(e):
+            raise
+        print(f"error: {timed_out(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)

@@ -83,6 +83,9 @@ def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
                    help="train again even when --out holds a finished run, or write into a folder that is not a "
                         "trainer's output (the previous output stays until the new one is complete)")
     o.add_argument("--strict", action="store_true", help="turn every skipped row into an error")
+    o.add_argument("--dist-timeout", type=float, default=dist.DIST_TIMEOUT_MIN,
+                   help="minutes a process waits for the others in a collective under torchrun (rank 0 alone loads "
+                        "the model and writes the final checkpoint meanwhile)")
     o.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model folder/hub (only from the command line, never from a run's "
                         "config.json)")
@@ -99,7 +102,7 @@ def _shard_size(text: str) -> int:
 # the range of each numeric flag both trainers take (checked once they are parsed; train_dpo.py adds its own)
 RANGES = {"lr": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "micro_batch_size": ">= 1", "max_len": ">= 1",
           "warmup_ratio": "in [0, 1]", "weight_decay": ">= 0", "max_grad_norm": ">= 0", "max_steps": ">= 0",
-          "eval_pairs": ">= 0", "eval_every": ">= 1", "save_every": ">= 0"}
+          "eval_pairs": ">= 0", "eval_every": ">= 1", "save_every": ">= 0", "dist_timeout": "> 0"}
 
 
 def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[argparse.Namespace, dict]:
@@ -115,7 +118,7 @@ def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[a
         if key not in roles:
             raise WltError(f"--{role} needs " + " or ".join(f"--labels {k.split()[-1]} ({roles[k][1]})"
                                                           for k in roles if k.startswith(role)))
-        runs.prepare_if_default(run)
+        runs.prepare_if_default(run, args.dist_timeout)
         given = {k: getattr(args, k) for k in ("model", "data", "out")}
         d = runs.run_defaults(run, script, role)
         if "trust_remote_code" in d:  # loading a model's code is the user's decision, on the command line
@@ -263,7 +266,7 @@ def checkpoint_settings(args) -> dict:
     """The settings a checkpoint must share with the run that resumes it (how often it is saved, and how the final
     model is written, do not matter)."""
     return {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "save_dtype", "max_shard_size",
-                                                              "report_to", "overwrite")}
+                                                              "report_to", "overwrite", "dist_timeout")}
 
 
 def begin(args, kind: str) -> tuple | None:
@@ -276,7 +279,7 @@ def begin(args, kind: str) -> tuple | None:
     data stats)."""
     script = f"train_{kind}.py"
     tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
-    dist.init_distributed()
+    dist.init_distributed(args.dist_timeout)
     marker = os.path.join(args.out, "train_config.json")
     if rank() == 0:  # a kill between the renames of the last swap: complete it (it loses nothing)
         outputs.finish_swap(args.out, "train_config.json")
@@ -289,8 +292,12 @@ def begin(args, kind: str) -> tuple | None:
             check_model_dir(path)
             fit_max_len(args, path, f"--{key}")
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
-    if os.path.isfile(marker):
-        same = same_settings(marker, vars(args), inputs, ignore=("resume", "save_every", "overwrite", "report_to"))
+    # whether --out holds a finished run, and of the same settings: rank 0 decides from its file system and tells
+    # the others (ranks that saw different files would run different collectives and hang)
+    finished, same = dist.broadcast((os.path.isfile(marker), same_settings(
+        marker, vars(args), inputs, ignore=("resume", "save_every", "overwrite", "report_to", "dist_timeout")))
+        if rank() == 0 else None)
+    if finished:
         if same and not args.overwrite:
             log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--overwrite "
                 f"trains again)")

@@ -4,7 +4,8 @@ save_pretrained) and a byte-level BPE tokenizer trained in-process. Nothing is d
 WLT_TEST_DEVICE picks the device the suite runs on: `cpu` (the default) or `cuda`. With `cuda`, every tensor
 and model the tests build in this process is created on the GPU (torch's default device), and the project's
 scripts the tests start run on the GPU in fp32 (`--dtype fp32`; their own default there is bf16 autocast), so
-the tests' fp32 tolerances hold; a test that starts more processes than there are GPUs is skipped. With
+the tests' fp32 tolerances hold (WLT_TEST_SCRIPT_DTYPE=default leaves them their default, for the tests that
+check what a run does rather than its digits); a test that starts more processes than there are GPUs is skipped. With
 `cpu`, CUDA is hidden from the tests and the scripts they start, so a machine with a GPU runs the same suite
 as one without."""
 import os
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TEST_DEVICE = os.environ.get("WLT_TEST_DEVICE", "cpu")
+SCRIPT_DTYPE = os.environ.get("WLT_TEST_SCRIPT_DTYPE", "fp32")  # on cuda: the scripts' --dtype, or "default"
 if TEST_DEVICE == "cpu":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by CUDA at its first use: this process and every script it starts
 elif TEST_DEVICE == "cuda":
@@ -152,9 +154,11 @@ DTYPE_SCRIPTS = {"train_sft.py", "train_dpo.py", "label.py", "evaluate.py"}  # t
 
 def on_test_device(args: tuple) -> list:
     """A script's command line as the suite runs it: with WLT_TEST_DEVICE=cuda, a script that has --dtype
-    (named among the first arguments: after torchrun's or tests/inject.py's own) gets --dtype fp32."""
-    if TEST_DEVICE == "cuda" and "--dtype" not in args and any(os.path.basename(str(a)) in DTYPE_SCRIPTS for a in args[:6]):
-        return [*args, "--dtype", "fp32"]
+    (named among the first arguments: after torchrun's or tests/inject.py's own) gets --dtype fp32, unless
+    WLT_TEST_SCRIPT_DTYPE=default."""
+    if (TEST_DEVICE == "cuda" and SCRIPT_DTYPE != "default" and "--dtype" not in args
+            and any(os.path.basename(str(a)) in DTYPE_SCRIPTS for a in args[:6])):
+        return [*args, "--dtype", SCRIPT_DTYPE]
     return list(args)
 
 

@@ -6,10 +6,17 @@ the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point
     python tests/inject.py term:N[@RANK] SCRIPT ARGS...    just after the N-th optimizer update of this process,
         send SIGTERM to the parent process (torchrun, which passes it on to every rank, as on a cluster), and
         wait 1 s, so the signal has reached the ranks before the step ends
+    python tests/inject.py slow:SECONDS[@RANK] SCRIPT ARGS...  every model this process loads takes SECONDS
+        longer (lib.models.load_model sleeps first): a slow disk or hub under rank 0's full-model load
+    python tests/inject.py skew:PATH[@RANK] SCRIPT ARGS...  this process sees PATH and every file below it
+        modified a second later (os.stat): a node whose local copy of an input carries other times, so that its
+        fingerprints differ from rank 0's
+    python tests/inject.py deterministic SCRIPT ARGS...  torch.use_deterministic_algorithms(True) in every rank:
+        an op that would sum in no fixed order on CUDA raises instead
 
-RANK (default 0) is the torchrun rank that dies (or signals); the others run on. The project's scripts hold no
-test hooks: the point is found through torch's global optimizer step hooks and by wrapping
-lib.outputs.Partial.add.
+Points combine with commas (deterministic,step:5). RANK (default 0) is the torchrun rank that dies (or
+signals, or is slow, or sees other files); the others run on. The project's scripts hold no test hooks: the
+point is found through torch's global optimizer step hooks and by wrapping library functions.
 
 In-process (a script's main() called by a test): `with crash_before_update(N): ...` raises Crash just before
 the N-th optimizer update of this process, through the same hook; the run stops there, as a killed one does."""
@@ -60,11 +67,41 @@ def crash_before_update(n: int):
         handle.remove()
 
 
+def skew(path: str) -> None:
+    """This process sees every file at or below PATH modified one second later than it was (os.stat)."""
+    stat = os.stat
+
+    class Skewed:
+        def __init__(self, st):
+            self.st = st
+            self.st_mtime_ns, self.st_mtime = st.st_mtime_ns + 10 ** 9, st.st_mtime + 1
+
+        def __getattr__(self, name):
+            return getattr(self.st, name)
+
+    def skewed(p, *args, **kwargs):
+        st = stat(p, *args, **kwargs)
+        q = os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else ""
+        return Skewed(st) if q == path or q.startswith(path.rstrip(os.sep) + os.sep) else st
+    os.stat = skewed
+
+
 def main() -> None:
-    point, script, *argv = sys.argv[1:]
+    points, script, *argv = sys.argv[1:]
+    sys.path.insert(0, ROOT)
+    for point in points.split(","):
+        inject(point)
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def inject(point: str) -> None:
     kind, _, where = point.partition(":")
     n, _, rank = where.partition("@")
-    sys.path.insert(0, ROOT)
+    if kind == "deterministic":  # every rank: no op may choose its own summation order (CUDA's atomics)
+        import torch
+        torch.use_deterministic_algorithms(True)
+        return
     if os.environ.get("RANK", "0") == (rank or "0"):
         if kind == "step":
             from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -80,10 +117,19 @@ def main() -> None:
                 add(self, key, value)
                 after()
             outputs.Partial.add = add_then_count
+        elif kind == "skew":
+            skew(os.path.abspath(n))
+        elif kind == "slow":
+            from lib import models
+            load = models.load_model
+
+            def slow_load(*args, **kwargs):
+                time.sleep(float(n))
+                return load(*args, **kwargs)
+            models.load_model = slow_load
         else:
-            raise SystemExit(f"inject.py: unknown point {point!r} (step:N, term:N or batch:N)")
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+            raise SystemExit(f"inject.py: unknown point {point!r} (step:N, term:N, batch:N, slow:SECONDS, skew:PATH, "
+                             f"deterministic)")
 
 
 if __name__ == "__main__":

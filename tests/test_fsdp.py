@@ -233,8 +233,9 @@ def test_two_processes_hold_half_the_parameters_and_optimizer(launches, name):
 
 
 def test_fsdp_precision_follows_the_dtype_flag():
-    """bf16 parameters under FSDP2 only where the compute dtype is bf16 on CUDA: `--dtype fp32` on a GPU keeps
-    fp32 (it once gave bf16 parameters whatever the flag said); the CPU stays fp32, bf16 there is autocast's."""
+    """bf16 parameters under FSDP2 exactly where the compute dtype is bf16: `--dtype fp32` on a GPU keeps fp32 (it
+    once gave bf16 parameters whatever the flag said); the CPU is fp32 by default, and `--dtype bf16` there gets
+    the GPU's policy (bf16 parameters, fp32 reduction), so the CPU tests run the path a GPU runs."""
     import torch
     from lib import dist
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")  # a device name: no GPU needed to build it
@@ -243,4 +244,5 @@ def test_fsdp_precision_follows_the_dtype_flag():
     assert dist.mixed_precision(cuda, "bf16").param_dtype == torch.bfloat16
     assert dist.mixed_precision(cuda, "fp32").param_dtype is None  # None: the parameters' own dtype, fp32
     assert dist.mixed_precision(cpu).param_dtype is None
-    assert dist.mixed_precision(cpu, "bf16").param_dtype is None
+    assert dist.mixed_precision(cpu, "bf16").param_dtype == torch.bfloat16
+    assert dist.mixed_precision(cpu, "bf16").reduce_dtype == torch.float32

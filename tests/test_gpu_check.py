@@ -15,21 +15,22 @@ from conftest import ROOT, run_script
 
 
 def test_dry_mode_runs_the_steps_and_prints_the_table(tmp_path):
-    """Steps a, d and e (b runs launch.sh's eight stages and c three DPO runs: too long for the suite; c's kill
-    and resume are test_faults.py's first test, its comparison is tested below)."""
+    """Steps a, d, e and f (b runs launch.sh's eight stages and c three DPO runs: too long for the suite; c's kill
+    and resume are test_faults.py's first test, its comparison is tested below; f's 2 processes run on gloo)."""
     out = str(tmp_path / "check")
-    p = run_script(os.path.join(ROOT, "extras", "gpu_check.py"), "--dry", "--steps", "ade", "--out", out)
+    p = run_script(os.path.join(ROOT, "extras", "gpu_check.py"), "--dry", "--steps", "adef", "--out", out)
     assert "dry mode" in p.stdout
     lines = p.stdout.splitlines()
-    for s in "ade":
+    for s in "adef":
         assert any(x.startswith(f"PASS {s} ") for x in lines), p.stdout
         assert any(x.startswith(f"| {s} | PASS |") for x in lines), p.stdout  # the final table
     assert "passed" in next(x for x in lines if x.startswith("PASS a "))
     assert "DPO step" in next(x for x in lines if x.startswith("PASS d "))
     assert "estimate" in next(x for x in lines if x.startswith("PASS e "))
-    assert {"a_tests.log", "d_bench.log", "bench.json", "gpu_check.json"} <= set(os.listdir(out))
+    assert "2 processes (gloo): 1 passed" in next(x for x in lines if x.startswith("PASS f "))
+    assert {"a_tests.log", "d_bench.log", "bench.json", "f_two_processes.log", "gpu_check.json"} <= set(os.listdir(out))
     summary = json.load(open(os.path.join(out, "gpu_check.json")))
-    assert [(r["step"], r["ok"]) for r in summary["steps"]] == [("a", True), ("d", True), ("e", True)]
+    assert [(r["step"], r["ok"]) for r in summary["steps"]] == [("a", True), ("d", True), ("e", True), ("f", True)]
 
 
 def test_results_tables_within_and_beyond_their_standard_errors():

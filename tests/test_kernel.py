@@ -152,7 +152,7 @@ def test_pack_pairs_by_hand():
     pairs = [{"prompt_ids": [10, 11], "chosen_ids": [20, 21], "rejected_ids": [30, 31]},
              {"prompt_ids": [12], "chosen_ids": [22], "rejected_ids": [32]},
              {"prompt_ids": [13], "chosen_ids": [23], "rejected_ids": [33]}]
-    inputs, states, targets, response = wlt.pack_pairs(pairs, 0, "cpu")
+    inputs, (chosen, rejected) = wlt.pack_pairs(pairs, 0, "cpu")
     assert inputs["input_ids"].tolist() == [[10, 11, 20, 21, 30, 31], [12, 22, 32, 13, 23, 33]]
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3], [0, 1, 1, 0, 1, 1]]
     sees = [[[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 1, 4, 5]],   # row 0: a
@@ -162,9 +162,12 @@ def test_pack_pairs_by_hand():
     assert [[row.nonzero().flatten().tolist() for row in mask[r, 0]] for r in range(2)] == sees
     # the state before each response token predicts it (flat index row * 6 + column): a's chosen 20 21 by 11 20,
     # its rejected 30 by 11 (the prompt's last state) and 31 by 30; b's 22 and 32 by 12; c's 23 and 33 by 13
-    assert states.tolist() == [1, 2, 1, 4, 6, 6, 9, 9]
-    assert targets.tolist() == [20, 21, 30, 31, 22, 32, 23, 33]
-    assert response.sum(-1).tolist() == [2, 2, 1, 1, 1, 1]  # tokens of a chosen, a rejected, b chosen, ...
+    states, targets, mask = chosen
+    assert states.tolist() == [1, 2, 6, 9] and targets.tolist() == [20, 21, 22, 23]
+    assert mask.sum(-1).tolist() == [2, 1, 1]  # tokens of a's, b's and c's chosen response
+    states, targets, mask = rejected
+    assert states.tolist() == [1, 4, 6, 9] and targets.tolist() == [30, 31, 32, 33]
+    assert mask.sum(-1).tolist() == [2, 1, 1]
 
 
 def test_activation_checkpointing_recomputes_packed_rows(bpe_tokenizer, pairs):
