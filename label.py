@@ -28,7 +28,7 @@ from lib.data import Skips, in_batches, pad_id, pair_key, pair_to_row, read_pair
 from lib.dist import rank, world_size
 from lib.files import check_file, dump_jsonl, fingerprint, read_json, remove_dir, same_settings
 from lib.memory import HostMemory
-from lib.models import check_model_dir, fit_max_len, load_model, load_tokenizer, share_prompt_setting
+from lib.models import check_model_dir, fit_max_len, load_model, load_tokenizer, pack_setting
 from lib.outputs import Partial, run_batches
 from lib.signals import run_main
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=16,
                    help="pairs per batch (pairs of similar length are batched together)")
     o.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
-                   help="run each prompt once for both responses (auto: for the families in wlt.SHARE_PROMPT); the "
+                   help="run each prompt once for both responses (auto: for the families in wlt.PACK_FAMILIES); the "
                         "same rewards as off up to fp32 rounding, fewer tokens through the model")
     o.add_argument("--max-len", type=int, default=None,
                    help="tokens per sequence; longer prompts lose tokens from the left (default: the run's, else 512)")
@@ -218,7 +218,7 @@ def main():
     # a resumed run, compute exactly the same numbers
     lengths = [len(exs[i]["prompt_ids"]) + max(len(exs[i]["chosen_ids"]), len(exs[i]["rejected_ids"])) for i in todo]
     batches = [[todo[j] for j in b] for b in in_batches(lengths, args.batch_size)]
-    share = share_prompt_setting(args.share_prompt, pol)
+    share = pack_setting(args.share_prompt, pol)
 
     # ---- the log-probs, batch by batch; finished batches are kept in OUT.partial/ as they are made, so a
     # killed run resumes where it stopped. From here on, files are written: the previous output and its summary

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ref", default=None, help="reference model (default: the starting model itself)")
     d.add_argument("--reference-free", action="store_true", help="log pi_ref = 0 (paper appendix C, DPO without SFT)")
     d.add_argument("--share-prompt", choices=["auto", "on", "off"], default="auto",
-                   help="run each prompt once for both responses (auto: for the families in wlt.SHARE_PROMPT); the "
+                   help="run each prompt once for both responses (auto: for the families in wlt.PACK_FAMILIES); the "
                         "same numbers as off up to fp32 rounding, fewer tokens through the model")
     return ap
 
@@ -206,7 +206,7 @@ def main():
                     targets=args.lora_targets.split(",") if args.lora_targets else None)
     model, unique_keys = models.setup_model(args, lora)
     model.eval()  # no model dropout in DPO: policy and reference log-probs must be deterministic
-    share = models.share_prompt_setting(args.share_prompt, model)
+    share = models.pack_setting(args.share_prompt, model)
     dev, pad, W, micro = dist.device(), pad_id(tok), dist.world_size(), trainer.micro_batch_size(args)
     models.warn_plain_path(model, 2 * micro, args.max_len)
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)

@@ -7,7 +7,9 @@ teacher (on D_l) and for the student. A full fine-tune; the loss is on the respo
 
 Loss (wlt.sft_loss): the summed NLL of the chosen-response tokens of the global batch over the number of those
 tokens, so that any number of processes and micro-batches takes the step one process takes on the whole batch.
-Model dropout stays on. Output in --out: an HF checkpoint, metrics.jsonl, train_config.json (written last).
+The sequences of a micro-batch are packed into rows without padding between them (--pack; wlt.pair_logps with
+one response a pair). Model dropout stays on. Output in --out: an HF checkpoint, metrics.jsonl,
+train_config.json (written last).
 """
 import argparse
 import time
@@ -27,8 +29,17 @@ from lib.signals import Interrupted, SaveNotice, run_main
 ROLES = {"teacher": (None, "data/labeled.jsonl", "teacher/sft"), "student": (None, "data/labeled.jsonl", "student/sft")}
 
 
+CHOSEN = ("chosen_ids",)  # SFT scores one response of each pair: the chosen one
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return trainer.argument_parser_for(__doc__, "sft")
+    ap = trainer.argument_parser_for(__doc__, "sft")
+    ap.add_argument_group("SFT").add_argument(
+        "--pack", choices=["auto", "on", "off"], default="auto",
+        help="lay a micro-batch's sequences out in rows as long as its longest, several short ones to a row, each "
+             "seeing only itself, instead of one padded row each (auto: for the families in wlt.PACK_FAMILIES); the "
+             "same numbers as off up to fp32 rounding, fewer tokens through the model")
+    return ap
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,22 +50,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def batch_of(pairs: list[dict], pad: int, dev: torch.device) -> dict[str, torch.Tensor]:
-    """Prompt + chosen response of each pair: input_ids, attention_mask, labels [B, T] on dev (wlt.collate)."""
-    return {k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in pairs], pad).items()}
-
-
-def held_out_logps(idx: list[int], evals: list[dict], model, pad: int) -> torch.Tensor:
+def held_out_logps(idx: list[int], evals: list[dict], model, pad: int, pack: bool) -> torch.Tensor:
     """[len(idx), 1]: log pi(chosen | prompt) of held-out pairs (for dist.sharded_map)."""
-    batch = batch_of([evals[i] for i in idx], pad, dist.device())
-    return dist.in_forward(model, wlt.response_logps, *batch.values()).unsqueeze(-1)
+    return dist.in_forward(model, wlt.pair_logps, [evals[i] for i in idx], pad, pack, responses=CHOSEN)
 
 
-def held_out_loss(model, evals: list[dict], pad: int, args) -> float:
+def held_out_loss(model, evals: list[dict], pad: int, pack: bool, args) -> float:
     """Token-mean NLL of the held-out chosen responses, without dropout."""
     model.eval()
     with torch.no_grad(), dist.autocast(dist.device(), args.dtype):
-        logps = dist.sharded_map(len(evals), trainer.micro_batch_size(args), held_out_logps, evals, model, pad)
+        logps = dist.sharded_map(len(evals), trainer.micro_batch_size(args), held_out_logps, evals, model, pad, pack)
     model.train()
     return float(-logps.sum() / sum(len(e["chosen_ids"]) for e in evals))
 
@@ -68,6 +73,7 @@ def main():
 
     # ---- setup: the same weights on every process (sharded under torchrun), the optimizer and the plan
     model, unique_keys = models.setup_model(args)
+    pack = models.pack_setting(args.pack, model, "--pack")
     dev, pad, W, micro = dist.device(), pad_id(tok), dist.world_size(), trainer.micro_batch_size(args)
     models.warn_plain_path(model, micro, args.max_len)
     plan = trainer.batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps)
@@ -88,9 +94,9 @@ def main():
                 # FSDP2 reduce-scatters the gradients once per step, after the last micro-batch
                 if W > 1:
                     model.set_requires_gradient_sync(j == len(micro_batches) - 1)
-                batch = batch_of([train[i] for i in idx], pad, dev)
                 with dist.autocast(dev, args.dtype):  # bf16 on CUDA, fp32 on the CPU
-                    logps = dist.in_forward(model, wlt.response_logps, *batch.values())  # [B] log pi(y|x), Eq. 2
+                    logps = dist.in_forward(model, wlt.pair_logps, [train[i] for i in idx], pad, pack,
+                                            responses=CHOSEN)[:, 0]                     # [B] log pi(y|x), Eq. 2
                 weight = torch.tensor(w, device=dev)                                    # [B] 1, or 0: a padding copy
                 # the token mean over the global batch; FSDP2 averages gradients over the W ranks, so x W turns
                 # that average into the sum over all ranks' tokens (x 1 in one process)
@@ -113,7 +119,7 @@ def main():
             opt.zero_grad(set_to_none=True)
 
             if evals and ((step + 1) % args.eval_every == 0 or step + 1 == len(plan)):
-                row["eval/loss"] = held_out_loss(model, evals, pad, args)
+                row["eval/loss"] = held_out_loss(model, evals, pad, pack, args)
             metrics.write(row)
 
             # ---- a mid-run checkpoint every --save-every steps, and now if any rank got a stop signal

@@ -7,7 +7,8 @@ those; the scripts train_sft.py, train_dpo.py, label.py and evaluate.py put the 
              its definition ...................... response_logps_plain
              the same number, memory-lean ........ response_logps (token_logps: the head only where a response
                                                    token is predicted)
-             both responses of a pair ............ pair_logps (the prompt run once; pack_pairs draws a row)
+             both responses of a pair ............ pair_logps (the prompt run once, pairs packed into rows:
+                                                   pack_pairs draws a row)
     Eq. 3  DPO .................................. dpo_loss (sigmoid = DPO, with label smoothing = cDPO; ipo; hinge)
     SFT    the reference policies ............... sft_loss
     Eq. 4  the weak teacher: Eq. 3 on D_l ....... (train_dpo.py --teacher)
@@ -79,11 +80,14 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_pairs(pairs: list[dict], pad: int) -> dict[str, torch.Tensor]:
+RESPONSES = ("chosen_ids", "rejected_ids")  # a pair's responses, in the order pair_logps returns them
+
+
+def collate_pairs(pairs: list[dict], pad: int, responses=RESPONSES) -> dict[str, torch.Tensor]:
     """Tokenized pairs (prompt_ids, chosen_ids, rejected_ids) -> one batch of 2B sequences: the B chosen
-    sequences, then the B rejected ones, so that both go through one forward."""
-    return collate([(e["prompt_ids"], e["chosen_ids"]) for e in pairs] +
-                   [(e["prompt_ids"], e["rejected_ids"]) for e in pairs], pad)
+    sequences, then the B rejected ones, so that both go through one forward (B sequences with
+    responses=("chosen_ids",): SFT's)."""
+    return collate([(e["prompt_ids"], e[key]) for key in responses for e in pairs], pad)
 
 
 def response_logps_plain(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -240,21 +244,22 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 #     predicts    p2 c1 c2  -  r2 - | d1  -  - |
 #       (r1 is predicted by the last prompt state, p2's; s1 by q1's)
 #
-# That is the forward of both sequences (p c, p r) with the prompt computed once, and of each pair alone.
+# That is the forward of both sequences (p c, p r) with the prompt computed once, and of each pair alone. SFT packs
+# prompt + chosen the same way (one response a pair): rows without padding between short sequences.
 
-SHARE_PROMPT = {"opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma"}  # take position_ids
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the parts of a pair's segment; -1 marks padding
+PACK_FAMILIES = {"opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma"}  # take position_ids
+PROMPT = 0  # the part of a segment each token is: the prompt, then response 1, 2, ...; -1 marks padding
 # Above this many tokens in a batch's longest pair, pairs run as whole sequences: a packed row's [T, T] mask and
 # the dense attention it needs grow as T^2 (docs/training.md: where packing stops paying)
 PACK_MAX_LEN = 2048
 
 
-def can_share_prompt(model) -> bool:
+def can_pack(model) -> bool:
     """Whether pair_logps can pack pairs for this model: a family that takes explicit positions, whose head the
     kernel knows, under an attention that applies a given [R, 1, T, T] mask (SDPA, transformers' default, or
     eager; flash attention takes no mask)."""
     cfg = getattr(model, "config", None)
-    return (getattr(cfg, "model_type", None) in SHARE_PROMPT and head_of(model) is not None
+    return (getattr(cfg, "model_type", None) in PACK_FAMILIES and head_of(model) is not None
             and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
@@ -272,78 +277,82 @@ def pack_rows(lengths: list[int]) -> list[list[int]]:
     return rows
 
 
-def pack_pairs(pairs: list[dict], pad: int, device) -> tuple[dict, list[tuple]]:
+def pack_pairs(pairs: list[dict], pad: int, device, responses=RESPONSES) -> tuple[dict, list[tuple]]:
     """B tokenized pairs -> (the model's inputs: input_ids and position_ids [R, T], attention_mask [R, 1, T, T]
-    bool; and for the chosen responses, then the rejected ones: the states that predict their tokens, as an index
-    into the flattened [R * T] states, [N]; those tokens, [N]; which of them are whose, [B, L] bool)."""
-    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs]
+    bool; and for each of `responses` (the pairs' fields to score, in order): the states that predict its tokens,
+    as an index into the flattened [R * T] states, [N]; those tokens, [N]; which of them are whose, [B, L] bool)."""
+    lengths = [len(e["prompt_ids"]) + sum(len(e[k]) for k in responses) for e in pairs]
     layout = pack_rows(lengths)
     R, T = len(layout), max(lengths)
     ids = torch.full((R, T), pad, dtype=torch.long)
     pos = torch.zeros((R, T), dtype=torch.long)
     owner = torch.full((R, T), -1, dtype=torch.long)  # the pair each token belongs to
-    part = torch.full((R, T), -1, dtype=torch.long)   # PROMPT, CHOSEN or REJECTED
-    pred = [None] * len(pairs)                          # per pair: the predicting states of chosen, of rejected
+    part = torch.full((R, T), -1, dtype=torch.long)   # PROMPT, or which response (1, 2, ...)
+    pred = [[] for _ in pairs]                          # per pair and response: the states that predict its tokens
     for row, members in enumerate(layout):
         o = 0  # where the next segment starts in the row
         for i in members:
             e = pairs[i]
-            p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
-            seg = slice(o, o + p + c + r)
-            ids[row, seg] = torch.tensor(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
-            pos[row, seg] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])  # rejected continues the prompt
-            part[row, seg] = torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * r)
-            owner[row, seg] = i
-            # the state before a token predicts it; the rejected response's first token: the prompt's last state
-            first = row * T + o  # the segment's first state, as an index into the flattened [R * T] states
-            pred[i] = (first + torch.arange(p - 1, p + c - 1),
-                       first + torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)]))
-            o += p + c + r
-    # the mask, built where the model runs: a token sees the earlier tokens of its own pair, except that a
-    # rejected token does not see the chosen response; a padding position sees itself (else its softmax is 0/0)
+            p, at = len(e["prompt_ids"]), o + len(e["prompt_ids"])
+            ids[row, o:at] = torch.tensor(e["prompt_ids"])
+            pos[row, o:at] = torch.arange(p)
+            part[row, o:at], owner[row, o:at] = PROMPT, i
+            for k, key in enumerate(responses, start=1):  # each response continues the prompt: positions p, p+1, ..
+                n = len(e[key])
+                ids[row, at:at + n] = torch.tensor(e[key])
+                pos[row, at:at + n] = torch.arange(p, p + n)
+                part[row, at:at + n], owner[row, at:at + n] = k, i
+                # the state before a token predicts it; a response's first token: the prompt's last state
+                pred[i].append(row * T + torch.cat([torch.tensor([o + p - 1]), torch.arange(at, at + n - 1)]))
+                at += n
+            o = at
+    # the mask, built where the model runs: a token sees the earlier tokens of its own pair, except those of its
+    # pair's other responses; a padding position sees itself (else its softmax is 0/0)
     owner, part = owner.to(device), part.to(device)
     col = torch.arange(T, device=device)
+    q, k = part[:, :, None], part[:, None, :]
     sees = ((owner[:, :, None] == owner[:, None, :]) & (col[:, None] >= col[None, :])
-            & ~((part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)))
+            & ~((q > PROMPT) & (k > PROMPT) & (q != k)))
     sees |= (owner < 0)[:, :, None] & torch.eye(T, dtype=torch.bool, device=device)
     inputs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "attention_mask": sees[:, None]}
-    responses = []
-    for k, key in enumerate(("chosen_ids", "rejected_ids")):
+    out = []
+    for k, key in enumerate(responses):
         states = torch.cat([pred[i][k] for i in range(len(pairs))])
         targets = torch.tensor([t for e in pairs for t in e[key]], dtype=torch.long)
         n = torch.tensor([len(e[key]) for e in pairs])
-        responses.append((states.to(device), targets.to(device), (torch.arange(int(n.max()))[None, :] < n[:, None]).to(device)))
-    return inputs, responses
+        out.append((states.to(device), targets.to(device), (torch.arange(int(n.max()))[None, :] < n[:, None]).to(device)))
+    return inputs, out
 
 
-def pair_logps(model, pairs: list[dict], pad: int, share_prompt: bool | None = None,
-               head_dtype: torch.dtype | None = None) -> torch.Tensor:
+def pair_logps(model, pairs: list[dict], pad: int, pack: bool | None = None, head_dtype: torch.dtype | None = None,
+               responses=RESPONSES) -> torch.Tensor:
     """[B, 2]: log pi(chosen | x), log pi(rejected | x) of B tokenized pairs (prompt_ids, chosen_ids,
-    rejected_ids). share_prompt (default: can_share_prompt) packs each pair into one row, its prompt run once for
-    both responses; else the 2B sequences go through whole (response_logps on collate_pairs). The same numbers
-    either way, up to fp32 rounding, with or without gradients. head_dtype: token_logps's."""
-    if share_prompt is None:
-        share_prompt = can_share_prompt(model)
-    elif share_prompt and not can_share_prompt(model):
-        raise ValueError(f"pair_logps: prompt sharing is not supported for this model "
+    rejected_ids); [B, 1] with responses=("chosen_ids",) (SFT's sequences). pack (default: can_pack) lays each
+    pair out in one row, its prompt run once for all its responses, short pairs sharing a row (pack_pairs); else
+    every prompt + response runs as a whole sequence (response_logps on collate). The same numbers either way,
+    up to fp32 rounding, with or without gradients. head_dtype: token_logps's."""
+    if pack is None:
+        pack = can_pack(model)
+    elif pack and not can_pack(model):
+        raise ValueError(f"pair_logps: packing is not supported for this model "
                          f"({getattr(model.config, 'model_type', None)!r}, {model.config._attn_implementation!r})")
     cfg = model.config
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs)
-    if not share_prompt or longest > PACK_MAX_LEN or (window and longest > window):  # a mask lifts a window
+    longest = max(len(e["prompt_ids"]) + sum(len(e[k]) for k in responses) for e in pairs)
+    if not pack or longest > PACK_MAX_LEN or (window and longest > window):  # a given mask would lift a window
         dev = next(model.parameters()).device
-        batch = {k: v.to(dev) for k, v in collate_pairs(pairs, pad).items()}
-        return torch.stack(response_logps(model, **batch, head_dtype=head_dtype).chunk(2), dim=-1)
+        batch = {k: v.to(dev) for k, v in collate_pairs(pairs, pad, responses).items()}
+        return torch.stack(response_logps(model, **batch, head_dtype=head_dtype).chunk(len(responses)), dim=-1)
     head = head_of(model)
-    inputs, responses = pack_pairs(pairs, pad, head["weight"].device)
+    inputs, scored = pack_pairs(pairs, pad, head["weight"].device, responses)
     if cfg._attn_implementation == "eager":  # eager attention adds its mask to the scores
         inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, device=head["weight"].device).masked_fill_(
             ~inputs["attention_mask"], torch.finfo(torch.float32).min)
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)  # [R * T, H]
-    # chosen, then rejected: a gather each, so that no state is taken twice in one (the prompt's last state predicts
-    # both first tokens; CUDA would sum a repeated index's gradients with atomic adds, in no fixed order)
+    # one response at a time: a gather each, so that no state is taken twice in one (the prompt's last state
+    # predicts every response's first token; CUDA would sum a repeated index's gradients with atomic adds)
     return torch.stack([row_sums(token_logps(hidden[states], head, targets, head_dtype=head_dtype), mask)
-                        for states, targets, mask in responses], dim=-1)                 # [B, 2]
+                        for states, targets, mask in scored], dim=-1)                    # [B, len(responses)]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -346,7 +346,8 @@ def work_sft(args, side: str, dev) -> dict:
     batches = []
     for s in range(0, len(pairs), args.sft_batch):
         exs = pairs[s:s + args.sft_batch]
-        batches.append({k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in exs], pad).items()})
+        b = {k: v.to(dev) for k, v in wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in exs], pad).items()}
+        batches.append(dict(b, pairs=exs))
 
     def step(b):
         with dist.autocast(dev, args.dtype):
@@ -354,8 +355,9 @@ def work_sft(args, side: str, dev) -> dict:
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
                                        ignore_index=wlt.IGNORE)
-            else:  # train_sft.py
-                loss = wlt.sft_loss(wlt.response_logps(model, **b), int((b["labels"] != wlt.IGNORE).sum()))
+            else:  # train_sft.py: the sequences packed into rows (--pack auto)
+                logps = wlt.pair_logps(model, b["pairs"], pad, responses=("chosen_ids",))[:, 0]
+                loss = wlt.sft_loss(logps, int((b["labels"] != wlt.IGNORE).sum()))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -446,6 +448,36 @@ def work_dpo_trl(args, dev) -> dict:
             "peak_total": timer.peak.total, "first_loss": losses[0] if losses else None}
 
 
+def work_sft_trl(args, dev) -> dict:
+    """TRL 1.x's SFTTrainer on the same prompt -> chosen pairs and batches as wlt's SFT side, as a user would set it
+    up: prompt-completion rows (loss on the completion only), no packing, no gradient checkpointing, a full
+    fine-tune, fp32 (bf16 autocast on CUDA), --max-len, the file's order. Tokens/s counts the same tokens as wlt's
+    side (TRL tokenizes prompt + completion jointly and appends EOS, as wlt does)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lib.models import load_tokenizer
+    pairs = bench_pairs(args, args.sft_batch * (args.sft_steps + 1), 11, build_config(args).vocab_size)
+    tok = load_tokenizer(tokenizer_path(args))
+    data = Dataset.from_list([{"prompt": p["text"]["prompt"], "completion": p["text"]["chosen"]} for p in pairs])
+    bf16 = dist.compute_dtype(dev, args.dtype) == torch.bfloat16
+    cfg = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=args.sft_batch,
+                    gradient_accumulation_steps=1, max_steps=args.sft_steps + 1, learning_rate=1e-5,
+                    lr_scheduler_type="constant", max_length=args.max_len, completion_only_loss=True, packing=False,
+                    gradient_checkpointing=False, bf16=bf16, use_cpu=dev.type == "cpu",
+                    train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
+                    seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
+    timer = step_timer(dev)
+    trainer = SFTTrainer(model=build(args.model, args.seed, dev=dev), args=cfg, train_dataset=data, processing_class=tok,
+                         callbacks=[timer])
+    trainer.train()
+    timer.peak.__exit__(None, None, None)
+    tokens = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in pairs[args.sft_batch:])
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {"tokens_per_s": tokens / sum(timer.times[1:]), "peak": timer.peak.bytes, "peak_total": timer.peak.total,
+            "first_loss": losses[0] if losses else None}
+
+
 def build_config(args):
     """The model's config without its weights (the vocabulary size, for the pairs' check)."""
     from transformers import AutoConfig
@@ -456,7 +488,7 @@ def build_config(args):
 
 
 WORK = {"label": work_label, "dpo": work_dpo, "sft": work_sft}
-WORK_TRL = {"label": work_label_trl, "dpo": work_dpo_trl}
+WORK_TRL = {"label": work_label_trl, "dpo": work_dpo_trl, "sft": work_sft_trl}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -523,8 +555,6 @@ def token_range(text: str) -> tuple[int, int]:
 
 def trl_unavailable(args, python: str) -> str | None:
     """Why TRL's side cannot run (one line), or None."""
-    if not set(args.tasks.split(",")) & set(WORK_TRL):
-        return "it runs labeling and DPO only"
     if args.pairs is None:
         return "TRL tokenizes text: give a pair file with --pairs FILE"
     try:
@@ -617,6 +647,10 @@ def check_trl(task: str, trl: dict, mine: dict, tol: dict) -> str:
             raise SystemExit(f"labeling: TRL's reference log-probs differ from wlt's (max {diff.max():.3g})")
         return f"TRL's reference log-probs vs wlt's: max |diff| {diff.max():.2e}"
     loss = trl.get("first_loss")
+    if task == "sft":  # the same tokens and the token-mean loss: the first steps' losses agree
+        if loss is None or not math.isclose(loss, mine["first_loss"], rel_tol=tol["sft_rel"], abs_tol=1e-4):
+            raise SystemExit(f"sft: TRL's first loss {loss} differs from wlt's {mine['first_loss']}")
+        return f"TRL's first loss {loss:.4f} vs wlt's {mine['first_loss']:.4f}"
     if loss is None or abs(loss - math.log(2)) > 1e-3:
         raise SystemExit(f"dpo: TRL's first loss {loss} is not log 2 (its adapter starts as the reference)")
     return f"TRL's first loss {loss:.4f} (log 2)"
@@ -635,7 +669,7 @@ def table_rows(task: str, sides: dict, peak_flops: float, dpo_batch: int) -> lis
         rows.append(("DPO pairs/s, reference included", dpo_batch / base["step_seconds"],
                      trl and dpo_batch / trl["step_seconds"], dpo_batch / amort, True))
     else:
-        rows.append(("SFT tokens/s", base["tokens_per_s"], None, mine["tokens_per_s"], True))
+        rows.append(("SFT tokens/s", base["tokens_per_s"], trl and trl["tokens_per_s"], mine["tokens_per_s"], True))
     rows.append((f"{task} peak MiB", base["peak"] / mb, trl and trl["peak"] / mb, mine["peak"] / mb, False))
     # the process's whole peak too: on a CPU the allocator keeps what a warm-up freed, which hides the rise above it
     rows.append((f"{task} peak MiB, weights included", base["peak_total"] / mb, trl and trl["peak_total"] / mb,

@@ -163,13 +163,14 @@ def _call(thunk):
     return thunk()
 
 
-def in_forward(model: nn.Module, fn, *args):
-    """fn(model, *args), run as a forward of the model. The log-prob kernel (wlt.response_logps, wlt.pair_logps)
-    runs the model's body, then reaches into its output head; FSDP2 gathers the root unit's weights (embeddings,
-    head) only inside a forward, so shard_model registers `wlt_forward` as one. One process: the plain call."""
+def in_forward(model: nn.Module, fn, *args, **kwargs):
+    """fn(model, *args, **kwargs), run as a forward of the model. The log-prob kernel (wlt.response_logps,
+    wlt.pair_logps) runs the model's body, then reaches into its output head; FSDP2 gathers the root unit's
+    weights (embeddings, head) only inside a forward, so shard_model registers `wlt_forward` as one. One process:
+    the plain call."""
     if hasattr(model, "wlt_forward"):
-        return model.wlt_forward(functools.partial(fn, model, *args))
-    return fn(model, *args)
+        return model.wlt_forward(functools.partial(fn, model, *args, **kwargs))
+    return fn(model, *args, **kwargs)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -106,16 +106,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise load_error("tokenizer", path, e) from None
 
 
-def share_prompt_setting(flag: str, model) -> bool:
-    """--share-prompt auto|on|off, resolved once for `model`: whether wlt.pair_logps packs each pair into one row,
-    its prompt run once for both responses. auto: where wlt.can_share_prompt allows it; on where it does not: a
-    one-line error."""
-    if flag == "on" and not wlt.can_share_prompt(model):
+def pack_setting(value: str, model, flag: str = "--share-prompt") -> bool:
+    """--share-prompt (DPO, label.py) or --pack (SFT): auto|on|off, resolved once for `model`: whether wlt.pair_logps
+    packs each pair into one row (its prompt run once for all its responses, short pairs sharing a row). auto:
+    where wlt.can_pack allows it; on where it does not: a one-line error."""
+    if value == "on" and not wlt.can_pack(model):
         cfg = model.config
-        raise WltError(f"--share-prompt on: prompt sharing is not supported for model type {cfg.model_type!r} with "
-                       f"{cfg._attn_implementation!r} attention (it needs one of {', '.join(sorted(wlt.SHARE_PROMPT))} "
-                       f"under sdpa or eager attention); use --share-prompt off or auto")
-    return flag == "on" or (flag == "auto" and wlt.can_share_prompt(model))
+        raise WltError(f"{flag} on: model type {cfg.model_type!r} with {cfg._attn_implementation!r} attention cannot "
+                       f"pack pairs into rows (that needs one of {', '.join(sorted(wlt.PACK_FAMILIES))} under sdpa or "
+                       f"eager attention); use {flag} off or auto")
+    return value == "on" or (value == "auto" and wlt.can_pack(model))
 
 
 def warn_plain_path(model, sequences: int, max_len: int) -> None:

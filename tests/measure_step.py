@@ -53,7 +53,7 @@ def main():
         else:
             exs = [{k: torch.randint(3, V, (n,), generator=g).tolist() for k, n in
                     (("prompt_ids", P), ("chosen_ids", L - P), ("rejected_ids", L - P))} for _ in range(micro)]
-            pol = wlt.pair_logps(model, exs, 0, share_prompt=False)
+            pol = wlt.pair_logps(model, exs, 0, pack=False)
             loss = wlt.dpo_loss(pol[:, 0], pol[:, 1], pol[:, 0].detach() + 1, pol[:, 1].detach(), 0.1)[0].mean()
         loss.backward()
         opt.step()

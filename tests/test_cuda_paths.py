@@ -190,7 +190,7 @@ def test_log_prob_sums_are_deterministic_ops(bpe_tokenizer, share):
     model = build("llama", len(bpe_tokenizer))
     pairs = _pairs(bpe_tokenizer)
     with NondeterministicOnCuda():
-        wlt.pair_logps(model, pairs, 0, share_prompt=share).sum().backward()
+        wlt.pair_logps(model, pairs, 0, pack=share).sum().backward()
         batch = wlt.collate_pairs(pairs, 0)
         wlt.response_logps(model, **batch).sum().backward()
 
@@ -210,10 +210,10 @@ def test_pairs_longer_than_pack_max_len_run_whole(bpe_tokenizer, monkeypatch):
                         lambda *a, **k: masks.append(k["attention_mask"].dim()) or forward(*a, **k))
     longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in pairs)
     with torch.no_grad():
-        wlt.pair_logps(model, pairs, 0, share_prompt=True)
+        wlt.pair_logps(model, pairs, 0, pack=True)
         assert masks == [4]  # packed
         monkeypatch.setattr(wlt, "PACK_MAX_LEN", longest - 1)
-        got = wlt.pair_logps(model, pairs, 0, share_prompt=True)
+        got = wlt.pair_logps(model, pairs, 0, pack=True)
     assert masks == [4, 2]  # whole sequences, a [2B, T] padding mask
     close(got.t().reshape(-1), ref)
 

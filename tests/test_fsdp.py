@@ -49,7 +49,8 @@ def write_pairs(path: str, n: int, seed: int) -> str:
     return path
 
 
-# name -> (script, family, pairs, extra flags, 1-proc micro, 2-proc micro (None: default = batch / 2)).
+# name -> (script, family, pairs, extra flags, 1-proc micro, 2-proc micro (None: default = batch / 2)[, flags of
+# the 2-process side only[, of the 1-process side only]]).
 # Global batch 8 everywhere. Batch plans (eval slice = min(--eval-pairs, pairs // 10)):
 #   21 train pairs -> batches 8, 8, 5; 27 train -> 8, 8, 8, 3. A final odd batch split over 2 ranks leaves
 #   rank 1 a micro-batch short with micro 2 (5 = 3 + 2 items) and micro 1 (3 = 2 + 1): the weight-0 padding
@@ -65,8 +66,10 @@ CASES = {
     "dpo-lora-gpt2": (DPO, "gpt2", 30, ["--eval-pairs", "3", "--eval-every", "1", "--lr", "1e-2"], 3, 1),
     # DPO full fine-tune, Llama: no accumulation on either side
     "dpo-full-llama": (DPO, "llama", 21, ["--eval-pairs", "0", "--lora-rank", "0", "--lr", "1e-3"], None, None),
-    # activation checkpointing on the 2-process side only: the same steps as storing every activation
-    "sft-llama-ac": (SFT, "llama", 21, ["--eval-pairs", "0", "--lr", "2e-3"], 8, 2, ["--activation-checkpointing"]),
+    # activation checkpointing and packed rows on the 2-process side only: the same steps as padded rows
+    # storing every activation
+    "sft-llama-ac": (SFT, "llama", 21, ["--eval-pairs", "0", "--lr", "2e-3"], 8, 2,
+                     ["--activation-checkpointing", "--pack", "on"], ["--pack", "off"]),
     # (both sides share the prompt: packed pairs under SDPA, recomputed as they are)
     "dpo-lora-opt-ac": (DPO, "opt", 21, ["--eval-pairs", "0", "--lr", "1e-2", "--share-prompt", "on"], 4, 2,
                         ["--activation-checkpointing"]),
@@ -81,14 +84,15 @@ def launches(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("fsdp")
     pool = ThreadPoolExecutor(max_workers=4)
     out = {}
-    for name, (script, family, n, extra, m1, m2, *only2) in CASES.items():
+    for name, (script, family, n, extra, m1, m2, *sides) in CASES.items():
+        only2, only1 = (sides + [[], []])[:2]
         model = tiny_model_dir(family)
         data = write_pairs(str(base / f"{name}.jsonl"), n, seed=len(name))
         common = [script, "--model", model, "--data", data, "--seed", str(SEED), "--batch-size", "8",
                   "--epochs", "1", *extra]
         o1, o2 = str(base / name / "p1"), str(base / name / "p2")
-        a1 = common + ["--out", o1] + (["--micro-batch-size", str(m1)] if m1 else [])
-        a2 = common + ["--out", o2] + (["--micro-batch-size", str(m2)] if m2 else []) + (only2[0] if only2 else [])
+        a1 = common + ["--out", o1] + (["--micro-batch-size", str(m1)] if m1 else []) + only1
+        a2 = common + ["--out", o2] + (["--micro-batch-size", str(m2)] if m2 else []) + only2
         f2 = pool.submit(torchrun, 2, *a2)
         f1 = pool.submit(run_script, *a1, env={"OMP_NUM_THREADS": "1"})
         out[name] = (f1, f2, model, o1, o2)

@@ -112,30 +112,48 @@ def test_lean_kernel_equals_full_softmax(family, bpe_tokenizer, pairs):
 NO_SDPA = {"gpt_neo"}  # transformers has no SDPA attention for it
 
 
-@pytest.mark.parametrize("family,attn", [(f, a) for f in sorted(wlt.SHARE_PROMPT & set(KERNEL_FAMILIES))
+@pytest.mark.parametrize("family,attn", [(f, a) for f in sorted(wlt.PACK_FAMILIES & set(KERNEL_FAMILIES))
                                          for a in ("sdpa", "eager")])
 def test_shared_prompt_equals_unshared(family, attn, bpe_tokenizer, pairs):
     """The prompt once, shared by both responses == two full sequences: each pair packed into one row, its
     rejected response masked from its chosen one, two of the four pairs sharing a row; SDPA takes the mask as
     it is, eager attention as an additive one."""
     model = build(family, len(bpe_tokenizer), attn)
-    assert wlt.can_share_prompt(model)
+    assert wlt.can_pack(model)
     pad = data.pad_id(bpe_tokenizer)
     batch = wlt.collate_pairs(pairs, pad)
     with torch.no_grad():
         ref = naive(model, batch)
-        shared = wlt.pair_logps(model, pairs, pad, share_prompt=True)
-        plain = wlt.pair_logps(model, pairs, pad, share_prompt=False)
+        shared = wlt.pair_logps(model, pairs, pad, pack=True)
+        plain = wlt.pair_logps(model, pairs, pad, pack=False)
     assert shared.shape == (len(pairs), 2)
     close(shared.t().reshape(-1), ref)  # collate_pairs: chosen rows, then rejected rows
     close(plain.t().reshape(-1), ref)
     # each pair alone (no padding, a row of its own) == the same pair inside the padded, packed batch
     with torch.no_grad():
         for i in range(len(pairs)):
-            close(wlt.pair_logps(model, pairs[i:i + 1], pad, share_prompt=True)[0], shared[i])
+            close(wlt.pair_logps(model, pairs[i:i + 1], pad, pack=True)[0], shared[i])
     # gradients flow through the shared prompt into its layers, as in the unshared forward
-    same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=True)),
-               grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False)))
+    same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, pack=True)),
+               grads(model, lambda: wlt.pair_logps(model, pairs, pad, pack=False)))
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("opt", "sdpa"), ("gpt2", "sdpa")])
+def test_packed_sft_sequences_equal_padded_ones(family, attn, bpe_tokenizer, pairs):
+    """SFT's sequences (prompt + chosen) packed into rows without padding between them (pair_logps with one
+    response a pair) == the same sequences right-padded through response_logps: values and gradients."""
+    model = build(family, len(bpe_tokenizer), attn)
+    pad = data.pad_id(bpe_tokenizer)
+    seqs = wlt.collate([(e["prompt_ids"], e["chosen_ids"]) for e in pairs], pad)
+    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in pairs]
+    assert any(len(row) > 1 for row in wlt.pack_rows(lengths))  # two sequences share a row
+    with torch.no_grad():
+        packed = wlt.pair_logps(model, pairs, pad, pack=True, responses=("chosen_ids",))
+        assert packed.shape == (len(pairs), 1)
+        close(packed[:, 0], wlt.response_logps(model, **seqs))
+        close(packed[:, 0], naive(model, seqs))
+    same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, pack=True, responses=("chosen_ids",))),
+               grads(model, lambda: wlt.response_logps(model, **seqs)))
 
 
 def test_pack_rows_by_hand():
@@ -177,22 +195,22 @@ def test_activation_checkpointing_recomputes_packed_rows(bpe_tokenizer, pairs):
     pad = data.pad_id(bpe_tokenizer)
     for attn in ("sdpa", "eager"):
         model = build("llama", len(bpe_tokenizer), attn)
-        plain = grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=False))
+        plain = grads(model, lambda: wlt.pair_logps(model, pairs, pad, pack=False))
         enable_activation_checkpointing(model)
         model.train()  # checkpointing recomputes only in training mode (dropout is 0 in this model)
-        same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, share_prompt=True)), plain)
+        same_grads(grads(model, lambda: wlt.pair_logps(model, pairs, pad, pack=True)), plain)
 
 
 def test_default_sharing_follows_the_family(bpe_tokenizer, pairs):
-    from lib.models import share_prompt_setting
+    from lib.models import pack_setting
     llama = build("llama", len(bpe_tokenizer))
-    assert wlt.can_share_prompt(llama) and share_prompt_setting("auto", llama) and not share_prompt_setting("off", llama)
+    assert wlt.can_pack(llama) and pack_setting("auto", llama) and not pack_setting("off", llama)
     gemma2 = build("gemma2", len(bpe_tokenizer))  # a sliding-window family: its window would not hold in a given mask
-    assert not wlt.can_share_prompt(gemma2) and not share_prompt_setting("auto", gemma2)
-    with pytest.raises(WltError, match="--share-prompt on: prompt sharing is not supported for model type 'gemma2'"):
-        share_prompt_setting("on", gemma2)
-    with pytest.raises(ValueError, match="prompt sharing is not supported"):
-        wlt.pair_logps(gemma2, pairs, 0, share_prompt=True)
+    assert not wlt.can_pack(gemma2) and not pack_setting("auto", gemma2)
+    with pytest.raises(WltError, match="--share-prompt on: model type 'gemma2' with 'eager' attention cannot pack"):
+        pack_setting("on", gemma2)
+    with pytest.raises(ValueError, match="packing is not supported"):
+        wlt.pair_logps(gemma2, pairs, 0, pack=True)
 
 
 def test_sliding_window_longer_than_a_pair_runs_whole_sequences(bpe_tokenizer, pairs):
@@ -257,7 +275,7 @@ def test_unknown_family_falls_back_with_one_warning(bpe_tokenizer, capsys):
     model = BloomForCausalLM(BloomConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, n_layer=2, n_head=4)).eval()
     exs, _ = data.tokenize_pairs(bpe_tokenizer, PAIRS)
     batch = wlt.collate_pairs(exs, data.pad_id(bpe_tokenizer))
-    assert wlt.head_of(model) is None and not wlt.can_share_prompt(model)
+    assert wlt.head_of(model) is None and not wlt.can_pack(model)
     for _ in range(2):
         models.warn_plain_path(model, 8, 512)
     with torch.no_grad():
