@@ -329,8 +329,9 @@ def pair_logps(model, pairs: list[dict], pad: int, pack: bool | None = None, hea
     """[B, 2]: log pi(chosen | x), log pi(rejected | x) of B tokenized pairs (prompt_ids, chosen_ids,
     rejected_ids); [B, 1] with responses=("chosen_ids",) (SFT's sequences). pack (default: can_pack) lays each
     pair out in one row, its prompt run once for all its responses, short pairs sharing a row (pack_pairs); else
-    every prompt + response runs as a whole sequence (response_logps on collate). The same numbers either way,
-    up to fp32 rounding, with or without gradients. head_dtype: token_logps's."""
+    every prompt + response runs as a whole sequence (response_logps on collate_pairs), as SFT's sequences do when
+    no two share a row. The same numbers either way, up to fp32 rounding, with or without gradients. head_dtype:
+    token_logps's."""
     if pack is None:
         pack = can_pack(model)
     elif pack and not can_pack(model):
@@ -338,8 +339,11 @@ def pair_logps(model, pairs: list[dict], pad: int, pack: bool | None = None, hea
                          f"({getattr(model.config, 'model_type', None)!r}, {model.config._attn_implementation!r})")
     cfg = model.config
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    longest = max(len(e["prompt_ids"]) + sum(len(e[k]) for k in responses) for e in pairs)
-    if not pack or longest > PACK_MAX_LEN or (window and longest > window):  # a given mask would lift a window
+    lengths = [len(e["prompt_ids"]) + sum(len(e[k]) for k in responses) for e in pairs]
+    longest = max(lengths)
+    # one response a pair (SFT) and no two sharing a row: the rows would be the padded batch, so run it as one
+    alone = len(responses) == 1 and len(pack_rows(lengths)) == len(pairs)
+    if not pack or alone or longest > PACK_MAX_LEN or (window and longest > window):  # a mask would lift a window
         dev = next(model.parameters()).device
         batch = {k: v.to(dev) for k, v in collate_pairs(pairs, pad, responses).items()}
         return torch.stack(response_logps(model, **batch, head_dtype=head_dtype).chunk(len(responses)), dim=-1)

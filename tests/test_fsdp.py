@@ -31,7 +31,7 @@ WORDS = ("the quick brown fox jumps over lazy dog bake bread at home mix flour w
          "rise summaries should be short keep brief say what matters first sort numbers").split()
 
 
-def write_pairs(path: str, n: int, seed: int) -> str:
+def write_pairs(path: str, n: int, seed: int, prompt_words: tuple = (2, 7)) -> str:
     """n short HH-style pairs (words from the BPE tokenizer's corpus, so real merges occur)."""
     rng = random.Random(seed)
 
@@ -43,7 +43,7 @@ def write_pairs(path: str, n: int, seed: int) -> str:
         rejected = " " + text(1, 6)
         if rejected == chosen:
             rejected += " no"
-        rows.append({"prompt": f"Human: {text(2, 7)}? Assistant:", "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": f"Human: {text(*prompt_words)}? Assistant:", "chosen": chosen, "rejected": rejected})
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return path
@@ -66,15 +66,16 @@ CASES = {
     "dpo-lora-gpt2": (DPO, "gpt2", 30, ["--eval-pairs", "3", "--eval-every", "1", "--lr", "1e-2"], 3, 1),
     # DPO full fine-tune, Llama: no accumulation on either side
     "dpo-full-llama": (DPO, "llama", 21, ["--eval-pairs", "0", "--lora-rank", "0", "--lr", "1e-3"], None, None),
-    # activation checkpointing and packed rows on the 2-process side only: the same steps as padded rows
-    # storing every activation
-    "sft-llama-ac": (SFT, "llama", 21, ["--eval-pairs", "0", "--lr", "2e-3"], 8, 2,
+    # activation checkpointing and packed rows on the 2-process side only (micro-batches of 4, so that short
+    # sequences share rows: test_packed_case_shares_rows): the same steps as padded rows storing every activation
+    "sft-llama-ac": (SFT, "llama", 21, ["--eval-pairs", "0", "--lr", "2e-3"], 8, 4,
                      ["--activation-checkpointing", "--pack", "on"], ["--pack", "off"]),
     # (both sides share the prompt: packed pairs under SDPA, recomputed as they are)
     "dpo-lora-opt-ac": (DPO, "opt", 21, ["--eval-pairs", "0", "--lr", "1e-2", "--share-prompt", "on"], 4, 2,
                         ["--activation-checkpointing"]),
 }
 SEED = 3
+PROMPT_WORDS = {"sft-llama-ac": (1, 30)}  # prompts of very different lengths: short sequences share a packed row
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def launches(tmp_path_factory, tiny_model_dir):
     for name, (script, family, n, extra, m1, m2, *sides) in CASES.items():
         only2, only1 = (sides + [[], []])[:2]
         model = tiny_model_dir(family)
-        data = write_pairs(str(base / f"{name}.jsonl"), n, seed=len(name))
+        data = write_pairs(str(base / f"{name}.jsonl"), n, seed=len(name), prompt_words=PROMPT_WORDS.get(name, (2, 7)))
         common = [script, "--model", model, "--data", data, "--seed", str(SEED), "--batch-size", "8",
                   "--epochs", "1", *extra]
         o1, o2 = str(base / name / "p1"), str(base / name / "p2")
@@ -154,6 +155,27 @@ def test_padding_path_is_exercised(monkeypatch):
         last = trainer.batch_plan(n_train, 8, 1, SEED)[-1]
         assert len(last) % 2 == 1
         assert any(w == [0.0] for _, w in dist.micro_batches(last, micro)), (n_train, micro)
+
+
+def test_packed_case_shares_rows(monkeypatch, tmp_path, tiny_model_dir):
+    """The packed side of sft-llama-ac really lays two sequences in one row in some micro-batch (else it runs the
+    padded batch, wlt.pair_logps, and the case would compare padded with padded)."""
+    import wlt
+    from lib import data, dist, models, trainer
+    script, family, n, *_ = CASES["sft-llama-ac"]
+    tok = models.load_tokenizer(tiny_model_dir(family))
+    texts = data.read_pairs(write_pairs(str(tmp_path / "p.jsonl"), n, seed=len("sft-llama-ac"),
+                                        prompt_words=PROMPT_WORDS["sft-llama-ac"]), data.Skips(), [])
+    exs, _ = data.tokenize_pairs(tok, texts)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shared = 0
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        for batch in trainer.batch_plan(n, 8, 1, SEED):
+            for idx, _ in dist.micro_batches(batch, 4):
+                lengths = [len(exs[i]["prompt_ids"]) + len(exs[i]["chosen_ids"]) for i in idx]
+                shared += len(wlt.pack_rows(lengths)) < len(idx)
+    assert shared > 0
 
 
 SFT_KEYS = ["loss", "grad_norm", "lr"]

@@ -156,6 +156,18 @@ def test_packed_sft_sequences_equal_padded_ones(family, attn, bpe_tokenizer, pai
                grads(model, lambda: wlt.response_logps(model, **seqs)))
 
 
+def test_sft_batch_whose_sequences_share_no_row_runs_padded(bpe_tokenizer, pairs):
+    """With one response a pair and no two sequences sharing a row, packed rows would be the padded batch: pair_logps
+    runs that batch as it is, bit for bit (so SFT's numbers, and launch.sh's table, stay those of padded rows)."""
+    model = build("llama", len(bpe_tokenizer))
+    pad = data.pad_id(bpe_tokenizer)
+    two = pairs[:2]  # two sequences never share a row as long as the longer one
+    assert len(wlt.pack_rows([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in two])) == 2
+    with torch.no_grad():
+        packed = wlt.pair_logps(model, two, pad, pack=True, responses=("chosen_ids",))[:, 0]
+        assert torch.equal(packed, wlt.response_logps(model, **wlt.collate_pairs(two, pad, ("chosen_ids",))))
+
+
 def test_pack_rows_by_hand():
     """Rows as long as the longest pair (9), filled first fit, longest first: 9 | 5 + 4 | 3 + 2 (room 4 left)."""
     assert wlt.pack_rows([5, 9, 3, 4, 2]) == [[1], [0, 3], [2, 4]]
