@@ -41,7 +41,8 @@ import torch
 import wlt
 from lib import dist, outputs, runs, synthetic
 from lib.console import WltError, argument_parser, check_ranges, log, one_line
-from lib.data import Skips, in_batches, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
+from lib.data import (Skips, encode_conversation, encode_prompts, holds_special, in_batches, pad_id, pair_text,
+                      read_pairs, read_prompts, require_chat_template, special_pattern)
 from lib.dist import rank
 from lib.files import dump_jsonl, dump_text, fingerprint, remove_dir, same_settings
 from lib.memory import HostMemory
@@ -315,6 +316,7 @@ class GoldRM:
         self.tok.padding_side = "right"
         self.tok.truncation_side = "left"
         self.fmt = fmt if fmt != "auto" else ("chat" if self.tok.chat_template else "pair")
+        self.specials = special_pattern(self.tok)
         self.path, self.batch_size, self.max_len, self.dev = path, batch_size, max_len, dev
 
     def encode(self, prompt, response) -> dict:
@@ -324,11 +326,14 @@ class GoldRM:
         if self.fmt == "chat":
             msgs = hh_messages(prompt) if isinstance(prompt, str) else list(prompt)
             msgs += [{"role": "assistant", "content": response.strip()}] if isinstance(response, str) else response
+            if holds_special(self.specials, [m["content"] for m in msgs]):  # text stays text (lib.data)
+                return {"input_ids": encode_conversation(self.tok, msgs, False, self.specials)[-self.max_len:]}
             text = self.tok.apply_chat_template(msgs, tokenize=False)
             enc = self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len)
         else:
-            enc = self.tok(pair_text(prompt).strip(), pair_text(response).strip(), truncation="only_first",
-                           max_length=self.max_len)
+            texts = (pair_text(prompt).strip(), pair_text(response).strip())
+            kw = {"split_special_tokens": True} if holds_special(self.specials, texts) else {}
+            enc = self.tok(*texts, truncation="only_first", max_length=self.max_len, **kw)
         return {k: v for k, v in enc.items() if k != "attention_mask"}
 
     def forward(self, batch: dict) -> torch.Tensor:
