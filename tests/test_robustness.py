@@ -251,3 +251,34 @@ def test_swap_in_replaces_only_the_final_output(tmp_path):
     assert [open(os.path.join(out, n)).read() for n in ("model.safetensors", "config.json", "notes.txt")] == \
         ["new", "new", "mine"]
     assert not os.path.exists(stage)
+
+
+def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monkeypatch, one_thread):
+    """Off a terminal (stderr to a file) a progress line comes at each tenth of the work and also once 30 s
+    have passed since the last line: a run whose tenth takes long does not look stuck. The clock is advanced from
+    outside (31 s per reading of lib.console's monotonic clock): a line at every step."""
+    from as_typed import run_case
+    from lib import console
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    argv = ["--model", tiny_model_dir("llama"), "--data", data, "--eval-pairs", "0", "--batch-size", "1",
+            "--epochs", "4", "--max-len", "64"]  # 44 steps: a tenth is 4.4 of them
+
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def monotonic():
+            Clock.now += 31
+            return Clock.now
+        time = staticmethod(time.time)
+
+    monkeypatch.chdir(ROOT)
+    lines = {}
+    for clock in ("real", "slow"):
+        if clock == "slow":
+            monkeypatch.setattr(console, "time", Clock)
+        code, _, stderr = run_case("train_sft.py", [*argv, "--out", str(tmp_path / clock)])
+        assert code == 0, stderr[-2000:]
+        lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
+    assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
+    assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
