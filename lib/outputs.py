@@ -18,7 +18,7 @@ import shutil
 
 from lib.console import WltError, log, progress
 from lib.dist import barrier, broadcast, gather_dicts, rank, world_size
-from lib.files import appended_rows, read_json, remove_dir, write_json
+from lib.files import appended_rows, read_json, remove_dir, what_changed, write_json
 from lib.signals import signals_held
 
 WRITTEN_BY = "written_by.json"  # {"script": "train_dpo.py"}: the trainer that owns the folder
@@ -181,9 +181,14 @@ class Partial:
         settings = json.loads(json.dumps(settings))  # the form it takes on disk
         if rank() == 0:
             try:
-                same = read_json(meta) == settings
+                prev = read_json(meta)
             except (OSError, json.JSONDecodeError):
-                same = False
+                prev = None
+            same = prev == settings
+            if isinstance(prev, dict) and not same:
+                log(f"{self.dir}: made with other settings or inputs ("
+                    f"{what_changed(prev, settings.get('args', {}), settings.get('inputs', {}), ignore=())}); "
+                    f"starting over")
             if not same:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 os.makedirs(self.dir)

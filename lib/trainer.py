@@ -17,7 +17,8 @@ from lib import checkpoint, dist, memory, outputs, runs, tracking
 from lib.console import WltError, argument_parser, check_ranges, log
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.dist import rank, world_size
-from lib.files import appended_rows, check_file, fingerprint, remove_dir, same_settings, write_json, write_text
+from lib.files import (appended_rows, check_file, fingerprint, read_json, remove_dir, same_settings, what_changed,
+                       write_json, write_text)
 from lib.models import check_model_dir, fit_max_len, load_tokenizer
 
 
@@ -269,6 +270,21 @@ def checkpoint_settings(args) -> dict:
                                                               "report_to", "overwrite", "dist_timeout")}
 
 
+def finished_run(marker: str, settings: dict, inputs: dict) -> tuple[bool, bool, str]:
+    """Whether `marker` marks a finished run in --out, whether it has the same settings and inputs, and if not,
+    which differ (files.what_changed)."""
+    if not os.path.isfile(marker):
+        return False, False, ""
+    ignore = ("resume", "save_every", "overwrite", "report_to", "dist_timeout")
+    if same_settings(marker, settings, inputs, ignore=ignore):
+        return True, True, ""
+    try:
+        prev = read_json(marker)
+    except (OSError, json.JSONDecodeError):
+        return True, False, "its train_config.json is unreadable"
+    return True, False, what_changed(prev if isinstance(prev, dict) else {}, settings, inputs, ignore)
+
+
 def begin(args, kind: str) -> tuple | None:
     """Start of a training run: every check first, then --out. Reads only: --out's owner, the model's config
     (--max-len capped to its positions) and tokenizer, whether --out holds a finished run, and the data (read,
@@ -292,11 +308,9 @@ def begin(args, kind: str) -> tuple | None:
             check_model_dir(path)
             fit_max_len(args, path, f"--{key}")
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
-    # whether --out holds a finished run, and of the same settings: rank 0 decides from its file system and tells
-    # the others (ranks that saw different files would run different collectives and hang)
-    finished, same = dist.broadcast((os.path.isfile(marker), same_settings(
-        marker, vars(args), inputs, ignore=("resume", "save_every", "overwrite", "report_to", "dist_timeout")))
-        if rank() == 0 else None)
+    # whether --out holds a finished run, of the same settings, and what changed: rank 0 decides from its file
+    # system and tells the others (ranks that saw different files would run different collectives and hang)
+    finished, same, changed = dist.broadcast(finished_run(marker, vars(args), inputs) if rank() == 0 else None)
     if finished:
         if same and not args.overwrite:
             log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--overwrite "
@@ -305,11 +319,11 @@ def begin(args, kind: str) -> tuple | None:
                 checkpoint.remove_checkpoints(args.out)
             return None
         if not (args.resume or args.overwrite):
-            raise WltError(f"{args.out}: holds a finished run of other settings or inputs; nothing done. Pass "
-                               f"--overwrite to train again (the finished run stays until the new one is complete), "
-                               f"or choose another --out")
+            raise WltError(f"{args.out}: holds a finished run of other settings or inputs ({changed}); nothing done. "
+                           f"Pass --overwrite to train again (the finished run stays until the new one is complete), "
+                           f"or choose another --out")
         log(f"{args.out}: " + ("training again (--overwrite)" if same else
-                               "settings or inputs changed since the finished run there; training again")
+                               f"settings or inputs changed since the finished run there ({changed}); training again")
             + "; the finished run stays there until the new one is complete")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     train, evals, stats = load_examples(args, tok, kind)

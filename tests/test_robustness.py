@@ -282,3 +282,56 @@ def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monke
         lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
     assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
     assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
+
+
+def test_resume_names_what_changed(tmp_path, tiny_model_dir, monkeypatch, capsys, one_thread):
+    """--resume after a changed flag or input: the checkpoint it cannot use is named with what changed, before
+    the run starts over; so is a finished output trained again, and label.py's partial results started over."""
+    import inject
+    import train_sft
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    out = str(tmp_path / "sft")
+    base = ["--model", tiny_model_dir("llama"), "--data", data, "--out", out, "--eval-pairs", "0", "--batch-size",
+            "2", "--save-every", "1", "--max-steps", "4", "--lr", "1e-3"]
+    with pytest.raises(inject.Crash), inject.crash_before_update(3):
+        in_process(monkeypatch, "train_sft.py", base)
+    capsys.readouterr()
+    in_process(monkeypatch, "train_sft.py", [*base, "--lr", "2e-3", "--resume"])
+    assert (f"{os.path.join(out, 'checkpoint')}: made with other settings or inputs (--lr 0.001 -> 0.002); "
+            f"starting from step 0") in capsys.readouterr().out
+    write_pairs(data, PAIRS[2:])
+    in_process(monkeypatch, "train_sft.py", [*base, "--lr", "2e-3", "--resume", "--max-len", "64"])
+    assert (f"{out}: settings or inputs changed since the finished run there (--max-len 128 -> 64, --data (its files "
+            f"changed)); training again") in capsys.readouterr().out
+    assert train_sft  # imported for in_process
+
+
+def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monkeypatch, one_thread):
+    """Off a terminal (stderr to a file) a progress line comes at each tenth of the work and also once 30 s
+    have passed since the last line: a run whose tenth takes long does not look stuck. The clock is advanced from
+    outside (31 s per reading of lib.console's monotonic clock): a line at every step."""
+    from as_typed import run_case
+    from lib import console
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    argv = ["--model", tiny_model_dir("llama"), "--data", data, "--eval-pairs", "0", "--batch-size", "1",
+            "--epochs", "4", "--max-len", "64"]  # 44 steps: a tenth is 4.4 of them
+
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def monotonic():
+            Clock.now += 31
+            return Clock.now
+        time = staticmethod(time.time)
+
+    monkeypatch.chdir(ROOT)
+    lines = {}
+    for clock in ("real", "slow"):
+        if clock == "slow":
+            monkeypatch.setattr(console, "time", Clock)
+        code, _, stderr = run_case("train_sft.py", [*argv, "--out", str(tmp_path / clock)])
+        assert code == 0, stderr[-2000:]
+        lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
+    assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
+    assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
