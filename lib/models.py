@@ -39,6 +39,34 @@ def check_weights(path: str, names: list[str]) -> None:
                                    f"the model again") from None
 
 
+def tokenizer_difference(a, b) -> str | None:
+    """What would make the same token ids mean other text to two tokenizers, or None when nothing does: the
+    vocabulary (every token's id, added tokens included) and the ids of BOS and EOS, which every sequence starts
+    or ends with. The rest (files, their dates, padding side, chat template, model_max_length) may differ."""
+    for name in ("bos", "eos"):
+        x, y = getattr(a, f"{name}_token_id", None), getattr(b, f"{name}_token_id", None)
+        if x != y:
+            return f"{name.upper()} id {x} vs {y}"
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"{len(va)} vs {len(vb)} tokens"
+    other = [t for t, i in va.items() if vb.get(t) != i]
+    if other:
+        t = min(other, key=va.get)
+        return f"{len(other)} token(s) with other ids, e.g. {t!r}: {va[t]} vs {vb.get(t)}"
+    return None
+
+
+def check_same_tokenizer(a: tuple, b: tuple) -> None:
+    """Two models used together score the same token ids, made by one tokenizer: (flag, path, tokenizer) of each
+    must agree (tokenizer_difference), or one line names both, before any weights are read."""
+    diff = tokenizer_difference(a[2], b[2])
+    if diff:
+        raise WltError(f"{a[0]} {a[1]} and {b[0]} {b[1]} have different tokenizers ({diff}): one model would score "
+                       f"token ids that mean other text to it; use models of one tokenizer (a reference and the "
+                       f"policy trained from it)")
+
+
 def load_error(what: str, path: str, e: Exception) -> WltError:
     """One line for a model or tokenizer that cannot be loaded. The hub's usual cases are named with what to do
     (transformers wraps them in an OSError whose cause is huggingface_hub's error): a gated model (Llama,

@@ -19,7 +19,7 @@ from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.dist import rank, world_size
 from lib.files import (appended_rows, check_file, fingerprint, read_json, remove_dir, same_settings, what_changed,
                        write_json, write_text)
-from lib.models import check_model_dir, fit_max_len, load_tokenizer
+from lib.models import check_model_dir, check_same_tokenizer, fit_max_len, load_tokenizer
 
 
 def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
@@ -302,11 +302,15 @@ def begin(args, kind: str) -> tuple | None:
     dist.barrier()
     outputs.check_owner(args.out, script, args.overwrite)
     check_file(args.data)
-    for key in ("model", "ref"):
-        path = getattr(args, key, None)
-        if path and not (key == "ref" and getattr(args, "reference_free", False)):
+    ref = getattr(args, "ref", None) if not getattr(args, "reference_free", False) else None
+    for key, path in (("model", args.model), ("ref", ref)):
+        if path:
             check_model_dir(path)
             fit_max_len(args, path, f"--{key}")
+    tok = None
+    if ref and os.path.abspath(ref) != os.path.abspath(args.model):  # the reference scores the policy's token ids
+        tok = load_tokenizer(args.model, args.trust_remote_code)
+        check_same_tokenizer(("--model", args.model, tok), ("--ref", ref, load_tokenizer(ref, args.trust_remote_code)))
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
     # whether --out holds a finished run, of the same settings, and what changed: rank 0 decides from its file
     # system and tells the others (ranks that saw different files would run different collectives and hang)
@@ -325,7 +329,7 @@ def begin(args, kind: str) -> tuple | None:
         log(f"{args.out}: " + ("training again (--overwrite)" if same else
                                f"settings or inputs changed since the finished run there ({changed}); training again")
             + "; the finished run stays there until the new one is complete")
-    tok = load_tokenizer(args.model, args.trust_remote_code)
+    tok = tok or load_tokenizer(args.model, args.trust_remote_code)
     train, evals, stats = load_examples(args, tok, kind)
     steps = len(batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps))
     if args.save_every and args.save_every < steps:  # mid-run checkpoints need a recent torch: say so now

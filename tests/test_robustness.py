@@ -40,6 +40,18 @@ def evil_model(folder: str, model: str, sentinel: str) -> str:
     return folder
 
 
+def other_tokenizer_model(folder: str) -> str:
+    """A tiny GPT-2 whose tokenizer is another BPE (400 tokens, not the suite's 300)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from conftest import make_bpe_tokenizer, tiny_config
+    tok = make_bpe_tokenizer(400)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tok))).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     """One process runs the setup (a finished SFT, DPO and labels on a GPT-2 with 128 positions) and then every
     row (tests/as_typed.py), each watched by hashing the whole folder before and after."""
@@ -67,6 +79,7 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     write_pairs(j("run", "data", "labeled.jsonl"))
     json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": evil, "trust_remote_code": True}}}},
               open(j("run", "config.json"), "w"))
+    other = other_tokenizer_model(j("other"))
     sft, dpo, weak, missing = j("sft"), j("dpo"), j("weak.jsonl"), j("goood.jsonl")
     small = ["--batch-size", "4", "--eval-pairs", "0", "--max-steps", "2"]
     S = ["--model", sft, "--data", data]  # train_dpo.py from the finished SFT
@@ -128,6 +141,10 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
         ("label.py", [*L, "--data", data, "--out", weak], 0, "already labeled with the same settings and inputs"),
         ("train_sft.py", ["--teacher", "--run-dir", j("run")], 1,
          f"{j('run', 'config.json')}: sets trust_remote_code (train.train_sft.py.teacher); remove it"),
+        ("train_dpo.py", [*S, "--ref", other, "--out", j("o")], 1,
+         f"--model {sft} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("label.py", ["--model", dpo, "--ref", other, "--data", data, "--out", j("o.jsonl")], 1,
+         f"--model {dpo} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
     ]
     cases = [{"script": s, "argv": a, "watch": w} for s, a in setup] + \
             [{"script": s, "argv": a, "watch": w} for s, a, _, _ in rows]
