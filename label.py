@@ -198,6 +198,10 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
 
 def main():
     args = parse_args()
+    if os.path.realpath(args.model) == os.path.realpath(args.ref):  # said before the work, not only after it
+        log(f"warning: --model and --ref are the same model ({args.model}): every reward beta*log(pi_w/pi_ref) will "
+            f"be 0, and every label a tie broken by a hash of the two texts (--model is the teacher trained with DPO, "
+            f"--ref the model it started from)")
     # ---- checks first, reading only: the models' positions, the output, then models and data (below)
     check_file(args.data)
     check_model_dir(args.ref)

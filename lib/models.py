@@ -3,6 +3,8 @@ building the model a trainer trains on every process (meta-device skeleton, FSDP
 from __future__ import annotations
 
 import os
+import pickle
+import re
 
 import torch
 import torch.nn as nn
@@ -25,9 +27,15 @@ def check_model_dir(path: str) -> None:
         check_weights(path, names)
 
 
+# the pickled weight files from_pretrained reads when a folder has no safetensors weights
+PICKLED_WEIGHTS = re.compile(r"pytorch_model(-\d{5}-of-\d{5})?\.bin")
+
+
 def check_weights(path: str, names: list[str]) -> None:
     """Read the header of each safetensors file of a model folder (a few KB): a cut or damaged file is a
-    one-line error before anything is loaded or written."""
+    one-line error before anything is loaded or written. A folder of pickled weights (pytorch_model*.bin, read
+    only where it has no safetensors weights) is read as transformers reads it, with torch.load(weights_only=True),
+    memory-mapped (the tensors are not read): a pickle that would run code, or a damaged file, is one line too."""
     from safetensors import SafetensorError, safe_open
     for n in sorted(names):
         if n.endswith(".safetensors"):
@@ -37,6 +45,19 @@ def check_weights(path: str, names: list[str]) -> None:
             except (SafetensorError, OSError) as e:
                 raise WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save "
                                    f"the model again") from None
+    if any(n.startswith("model") and n.endswith(".safetensors") for n in names):
+        return
+    for n in sorted(n for n in names if PICKLED_WEIGHTS.fullmatch(n)):
+        try:
+            torch.load(os.path.join(path, n), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # names something other than tensors and plain data
+            what = re.search(r"GLOBAL (\S+)", str(e))
+            raise WltError(f"{os.path.join(path, n)}: a pickle that holds more than weights"
+                           f"{f' (it calls {what.group(1)})' if what else ''}, refused unread: loading it would run "
+                           f"its code; where you trust it, save the model as safetensors (save_pretrained)") from None
+        except (RuntimeError, OSError, EOFError) as e:
+            raise WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save the model "
+                           f"again") from None
 
 
 def tokenizer_difference(a, b) -> str | None:

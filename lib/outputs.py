@@ -64,17 +64,29 @@ def trainer_folder_owner(out: str) -> str | None:
     return None
 
 
-def check_owner(out: str, script: str, overwrite: bool, ours=None) -> None:
+# a trainer's own folders inside --out, replaced whole by its runs: --overwrite never takes them from a folder
+# that no trainer wrote
+TRAINER_FOLDERS = ("adapter", "checkpoint", "checkpoint.old", "checkpoint.tmp")
+
+
+def check_owner(out: str, script: str, overwrite: bool, ours=None, folders: tuple = ()) -> None:
     """Refuse, naming the folder, to write into `out` unless it is absent, empty, an output of `script`, or
-    --overwrite was given. ours(out) -> bool decides the last (default: a trainer's written_by.json)."""
-    if not os.path.exists(out) or overwrite:
+    --overwrite was given. ours(out) -> bool decides the last (default: a trainer's written_by.json). --overwrite
+    writes the script's files into a folder and leaves the rest alone, so it is refused, naming them, where
+    the folder holds `folders` (those the script replaces whole) and is not an output of a script that made them."""
+    if not os.path.exists(out):
         return
     if not os.path.isdir(out):
         raise WltError(f"--out {out} is a file, not a folder: choose another --out")
     if not os.listdir(out):
         return
     owned = ours(out) if ours else trainer_folder_owner(out) == script
-    if not owned:
+    if overwrite and folders and not trainer_folder_owner(out):
+        theirs = [f"{os.path.join(out, d)}{os.sep}" for d in folders if os.path.lexists(os.path.join(out, d))]
+        if theirs:
+            raise WltError(f"--out {out}: --overwrite would replace {' and '.join(theirs)}, which no trainer wrote; "
+                           f"move {'it' if len(theirs) == 1 else 'them'} out of the folder, or choose another --out")
+    if not owned and not overwrite:
         raise WltError(f"--out {out}: a folder that is not empty and not an output of {script}; choose a new or "
                            f"empty folder, or pass --overwrite to write {script}'s files into it")
 

@@ -106,6 +106,11 @@ RANGES = {"lr": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "micro_batch_siz
           "eval_pairs": ">= 0", "eval_every": ">= 1", "save_every": ">= 0", "dist_timeout": "> 0"}
 
 
+# settings a run's config.json may not give: each is the user's decision, made on the command line
+COMMAND_LINE_ONLY = {"trust_remote_code": "allows a model's own code",
+                     "overwrite": "may replace a finished output or write into a folder of other files"}
+
+
 def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[argparse.Namespace, dict]:
     """Parse the flags. With --teacher/--student, model/data/out come from the role in the run folder (the
     script's ROLES: role -> (model, data, out) relative to the run folder) and the defaults from its config.json;
@@ -122,9 +127,10 @@ def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[a
         runs.prepare_if_default(run, args.dist_timeout)
         given = {k: getattr(args, k) for k in ("model", "data", "out")}
         d = runs.run_defaults(run, script, role)
-        if "trust_remote_code" in d:  # loading a model's code is the user's decision, on the command line
-            raise WltError(f"{os.path.join(run, 'config.json')}: sets trust_remote_code (train.{script}.{role}); "
-                               f"remove it: only --trust-remote-code on the command line allows a model's own code")
+        for name, what in COMMAND_LINE_ONLY.items():  # the user's decisions, on the command line
+            if name in d:
+                raise WltError(f"{os.path.join(run, 'config.json')}: sets {name} (train.{script}.{role}); remove it: "
+                               f"only --{name.replace('_', '-')} on the command line {what}")
         d.update(runs.role_paths(run, roles[key], given), run_dir=run)
         ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
         extra = {k: v for k, v in d.items() if k not in vars(args)}
@@ -300,7 +306,7 @@ def begin(args, kind: str) -> tuple | None:
     if rank() == 0:  # a kill between the renames of the last swap: complete it (it loses nothing)
         outputs.finish_swap(args.out, "train_config.json")
     dist.barrier()
-    outputs.check_owner(args.out, script, args.overwrite)
+    outputs.check_owner(args.out, script, args.overwrite, folders=outputs.TRAINER_FOLDERS)
     check_file(args.data)
     ref = getattr(args, "ref", None) if not getattr(args, "reference_free", False) else None
     for key, path in (("model", args.model), ("ref", ref)):

@@ -52,6 +52,21 @@ def other_tokenizer_model(folder: str) -> str:
     return folder
 
 
+def pickled_model(folder: str, model: str) -> str:
+    """A copy of `model` whose weights are a pytorch_model.bin pickle that would call os.system when unpickled."""
+    import torch
+    from safetensors.torch import load_file
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ("echo this pickle ran code",)
+    shutil.copytree(model, folder)
+    sd = load_file(os.path.join(folder, "model.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    torch.save({**sd, "extra": RunsCode()}, os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
 def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     """One process runs the setup (a finished SFT, DPO and labels on a GPT-2 with 128 positions) and then every
     row (tests/as_typed.py), each watched by hashing the whole folder before and after."""
@@ -80,6 +95,13 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": evil, "trust_remote_code": True}}}},
               open(j("run", "config.json"), "w"))
     other = other_tokenizer_model(j("other"))
+    pickled = pickled_model(j("pickled"), model)
+    os.makedirs(j("run2"))
+    json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": model, "overwrite": True}}}},
+              open(j("run2", "config.json"), "w"))
+    for sub, name in (("adapter", "adapter_model.safetensors"), ("checkpoint", "state.pt")):  # the user's own
+        os.makedirs(j("mine", sub))
+        open(j("mine", sub, name), "w").write("the user's own\n")
     sft, dpo, weak, missing = j("sft"), j("dpo"), j("weak.jsonl"), j("goood.jsonl")
     small = ["--batch-size", "4", "--eval-pairs", "0", "--max-steps", "2"]
     S = ["--model", sft, "--data", data]  # train_dpo.py from the finished SFT
@@ -145,6 +167,15 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
          f"--model {sft} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
         ("label.py", ["--model", dpo, "--ref", other, "--data", data, "--out", j("o.jsonl")], 1,
          f"--model {dpo} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("train_sft.py", ["--model", pickled, "--data", data, "--out", j("o")], 1,
+         f"{j('pickled', 'pytorch_model.bin')}: a pickle that holds more than weights (it calls posix.system), "
+         f"refused unread"),
+        ("train_sft.py", ["--teacher", "--run-dir", j("run2")], 1,
+         f"{j('run2', 'config.json')}: sets overwrite (train.train_sft.py.teacher); remove it: only --overwrite on the "
+         f"command line"),
+        ("train_dpo.py", [*S, "--out", j("mine"), "--overwrite"], 1,
+         f"--out {j('mine')}: --overwrite would replace {j('mine', 'adapter')}/ and {j('mine', 'checkpoint')}/, which "
+         f"no trainer wrote; move them out of the folder, or choose another --out"),
     ]
     cases = [{"script": s, "argv": a, "watch": w} for s, a in setup] + \
             [{"script": s, "argv": a, "watch": w} for s, a, _, _ in rows]
@@ -301,6 +332,23 @@ def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monke
     assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
 
 
+def test_label_with_the_same_model_twice_says_so_first(tmp_path, tiny_model_dir, monkeypatch, one_thread):
+    """label.py --model X --ref X: every reward is 0 and every label a tie; said in the first line, before any
+    model is loaded or any pair labeled (and again at the end, counting the ties)."""
+    from as_typed import run_case
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    model = tiny_model_dir("gpt2")
+    monkeypatch.chdir(ROOT)
+    code, stdout, stderr = run_case("label.py", ["--model", model, "--ref", model, "--data", data, "--out",
+                                                 str(tmp_path / "w.jsonl")])
+    assert code == 0, stderr[-2000:]
+    lines = stdout.splitlines()
+    assert lines[0] == (f"warning: --model and --ref are the same model ({model}): every reward beta*log(pi_w/pi_ref) "
+                        f"will be 0, and every label a tie broken by a hash of the two texts (--model is the teacher "
+                        f"trained with DPO, --ref the model it started from)")
+    assert "teacher: " in stdout and "11 pair(s) with exactly equal rewards" in stdout
+
+
 def test_resume_names_what_changed(tmp_path, tiny_model_dir, monkeypatch, capsys, one_thread):
     """--resume after a changed flag or input: the checkpoint it cannot use is named with what changed, before
     the run starts over; so is a finished output trained again, and label.py's partial results started over."""
@@ -352,3 +400,20 @@ def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monke
         lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
     assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
     assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
+
+
+def test_label_with_the_same_model_twice_says_so_first(tmp_path, tiny_model_dir, monkeypatch, one_thread):
+    """label.py --model X --ref X: every reward is 0 and every label a tie; said in the first line, before any
+    model is loaded or any pair labeled (and again at the end, counting the ties)."""
+    from as_typed import run_case
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    model = tiny_model_dir("gpt2")
+    monkeypatch.chdir(ROOT)
+    code, stdout, stderr = run_case("label.py", ["--model", model, "--ref", model, "--data", data, "--out",
+                                                 str(tmp_path / "w.jsonl")])
+    assert code == 0, stderr[-2000:]
+    lines = stdout.splitlines()
+    assert lines[0] == (f"warning: --model and --ref are the same model ({model}): every reward beta*log(pi_w/pi_ref) "
+                        f"will be 0, and every label a tie broken by a hash of the two texts (--model is the teacher "
+                        f"trained with DPO, --ref the model it started from)")
+    assert "teacher: " in stdout and "11 pair(s) with exactly equal rewards" in stdout
