@@ -481,6 +481,12 @@ def results_markdown(res: dict) -> str:
 
 def main():
     args = parse_args()
+    with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
+        run(args)
+
+
+def run(args):
+    """The evaluation: every check, sampling each policy, the gold rewards, the tables."""
     if args.run_dir:
         runs.prepare_if_default(args.run_dir, args.dist_timeout)
     cfg = runs.read_run_config(args.run_dir) if args.run_dir else {}

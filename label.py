@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     args.max_len = 512 if args.max_len is None else args.max_len
     check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1", dist_timeout="> 0")
     outputs.check_apart({"--out": args.out, "--out's summary": runs.summary_path(args.out),
-                         "--out's partial results": args.out + ".partial"},
+                         "--out's partial results": args.out + ".partial", "--out's lock": outputs.lock_path(args.out)},
                         {"--data": args.data, "--model": args.model, "--ref": args.ref})
     return args
 
@@ -198,11 +198,17 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
 
 def main():
     args = parse_args()
+    with outputs.locked(args.out):  # this run alone writes --out and its partial results, to its end
+        run(args)
+
+
+def run(args):
+    """The labeling: every check, the data and the teacher, the log-probs batch by batch, the output."""
     if os.path.realpath(args.model) == os.path.realpath(args.ref):  # said before the work, not only after it
         log(f"warning: --model and --ref are the same model ({args.model}): every reward beta*log(pi_w/pi_ref) will "
             f"be 0, and every label a tie broken by a hash of the two texts (--model is the teacher trained with DPO, "
             f"--ref the model it started from)")
-    # ---- checks first, reading only: the models' positions, the output, then models and data (below)
+    # ---- checks first, reading only: the models' positions and tokenizers, the output, then the data (below)
     check_file(args.data)
     check_model_dir(args.ref)
     for flag in ("--ref", "--model"):

@@ -1,23 +1,31 @@
 """What a script may do to its output path, so that no run costs the user a file:
 
     check_apart        an output that resolves to an input (or lies inside one, or holds one) is refused
+    locked             one run per output: OUT.lock beside it, held from a script's start to its end
     check_owner        a folder is written into only when it is absent, empty or an output of the same script
     swap_in            a trainer's final model, written whole into OUT.staging/ beside OUT, moved into OUT
     replace_files      label.py's and evaluate.py's results, written whole under temporary names, renamed
     Partial            label.py's and evaluate.py's finished batches, kept in OUT.partial/ as they are made, so that
     run_batches        a killed run, rerun with the same command, computes only what is missing
 
-Every check here reads only; a script calls them all before it creates, moves or deletes anything.
+A script takes its output's lock first (the one file it writes before its checks, beside the output, removed on
+the way out); the checks read only, and a script calls them all before it creates, moves or deletes anything.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
+import time
 
 from lib.console import WltError, log, progress
-from lib.dist import barrier, broadcast, gather_dicts, rank, world_size
+from lib.dist import barrier, broadcast, gather_dicts, init_distributed, rank, world_size
 from lib.files import appended_rows, read_json, remove_dir, what_changed, write_json
 from lib.signals import signals_held
 
@@ -48,6 +56,238 @@ def check_apart(outputs: dict[str, str], inputs: dict[str, str | None]) -> None:
             else:
                 continue
             raise WltError(f"{oname} {out} {how}; writing there would change an input: choose another {oname}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run per output. OUT.lock beside the output (a trainer's folder, label.py's file, evaluate.py's folder) is
+# held from a script's start to its end: a second run on the same output is refused with one line. The file
+# names the holder (host, process, command), and the holding process keeps an flock on it, which the kernel
+# drops when the process dies, SIGKILL included: a lock whose process is gone is taken over with a word. On a
+# file system that several machines share, a lock of another machine cannot be checked from here: it is refused
+# with its host and process named, and the user removes the file once sure that run has ended.
+
+_HELD: dict[str, tuple[int, list[str]]] = {}  # lock file -> (its descriptor, the folders made for it), this process
+
+
+def lock_path(out: str) -> str:
+    return out.rstrip(os.sep) + ".lock"
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat): with the pid, what tells a process from
+    a later one that got the same pid. None where there is no /proc."""
+    text = _read_text(f"/proc/{pid}/stat")
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def _me() -> dict:
+    """This process as a lock names it: the machine (host name and boot: containers on one machine share the boot
+    id and its flocks), the process, and the command that started it."""
+    script, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+    return {"host": socket.gethostname(), "boot": _read_text("/proc/sys/kernel/random/boot_id"), "pid": os.getpid(),
+            "started": _start_ticks(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "processes": world_size(), "command": shlex.join([script, *args])}
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the holder (a process of this machine) still runs: its pid is there and started when it did."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    return holder.get("started") is None or _start_ticks(pid) in (None, holder.get("started"))
+
+
+def _who(holder: dict) -> str:
+    runs = f", {holder['processes']} processes" if (holder.get("processes") or 1) > 1 else ""
+    return (f"`{holder.get('command', '?')}` (process {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+            f"{runs}, since {holder.get('since', '?')})")
+
+
+def _holder(fd: int) -> dict:
+    try:
+        d = json.loads(os.pread(fd, 1 << 16, 0).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) and "pid" in d else {}
+
+
+def _flock(fd: int, how: int) -> bool | None:
+    """True: locked; False: another process holds it; None: this file system has no locks."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _make_parents(path: str, flag: str, out: str) -> list[str]:
+    """Create the missing folders above `path` (a lock beside a new output); returns them, deepest first, for
+    release to remove again when the run left nothing in them. One line when that cannot be: a file where a
+    folder must be, or a folder this user cannot write in."""
+    missing, d = [], os.path.dirname(os.path.normpath(path)) or "."  # as the user wrote it, for the message
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d) or "."
+    if not os.path.isdir(d):
+        raise WltError(f"{flag} {out}: {d} is a file, not a folder; choose another {flag}")
+    for m in reversed(missing):
+        try:
+            os.mkdir(m)
+        except OSError as e:
+            raise WltError(f"{flag} {out}: cannot create folder {m} ({e.strerror}); choose another {flag}") from None
+    return missing
+
+
+def _open_locked(path: str, flag: str, out: str) -> tuple[int, bool | None]:
+    """Open the lock file at `path` (made if absent) and flock it: (its descriptor, True: locked; None: this file
+    system has no locks). One line when another process holds it, or the folder cannot be written in."""
+    for attempt in range(50):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WltError(f"{flag} {out}: cannot write in {os.path.dirname(lock_path(out)) or '.'} "
+                           f"({e.strerror}); choose a folder you can write in") from None
+        got = _flock(fd, fcntl.LOCK_EX)
+        if got is False:  # held; give a moment to a reader that only looks (live_holder)
+            holder = _holder(fd)
+            os.close(fd)
+            if attempt < 5:
+                time.sleep(0.05)
+                continue
+            raise WltError(f"{flag} {out} is in use by another run: {_who(holder)}; wait for it to end, or choose "
+                           f"another {flag}")
+        try:  # the file locked must still be the one at the path (its holder may have removed it meanwhile)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd, got
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise WltError(f"{flag} {out}: its lock {path} keeps changing; is another run starting on it?")
+
+
+def _take(out: str, flag: str) -> None:
+    """Take OUT.lock for this process (see above), or raise one line naming the run that holds it."""
+    path = os.path.abspath(lock_path(out))
+    if path in _HELD:  # this process has it already (a script's main() called again in one process)
+        return
+    made = [os.path.abspath(m) for m in _make_parents(lock_path(out), flag, out)]
+    fd = None
+    try:
+        fd, got = _open_locked(path, flag, out)
+        holder, me = _holder(fd), _me()
+        if not holder and os.pread(fd, 4096, 0).strip():  # never write over a file of the user's
+            raise WltError(f"{flag} {out}: {path} exists and is not a lock of this project's scripts; move it away "
+                           f"or choose another {flag}")
+        if holder:
+            here = holder.get("boot") == me["boot"] and me["boot"] is not None
+            rebooted = not here and holder.get("host") == me["host"] and holder.get("boot") is not None
+            if not here and not rebooted:
+                raise WltError(f"{flag} {out} is locked by {_who(holder)}, which cannot be checked from host "
+                               f"{me['host']}; if that run has ended, remove {path} and run again")
+            if here and got is None and _alive(holder):  # no flock here: the process itself tells
+                raise WltError(f"{flag} {out} is in use by another run: {_who(holder)}; wait for it to end, or "
+                               f"choose another {flag}")
+            log(f"{flag} {out}: the run that held it, {_who(holder)}, is gone (killed?); taking its lock over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
+        os.fsync(fd)
+        _HELD[path] = (fd, made)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        for m in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(m)
+        raise
+
+
+def _agree(check) -> None:
+    """Run check() on rank 0 only (a plain `python` run: here); every rank raises the one line it may raise."""
+    init_distributed()
+    err = None
+    if rank() == 0:
+        try:
+            check()
+        except WltError as e:
+            err = str(e)
+    err = broadcast(err)
+    if err:
+        raise WltError(err)
+
+
+def locked(out: str, flag: str = "--out"):
+    """The output `out` for this run alone while the block runs (rank 0 takes the lock for the whole job): a
+    second run is refused, a lock whose process is gone is taken over with a word, and the lock goes on every way
+    out of the block (an error, a stop signal; a SIGKILL leaves it to be taken over). Taking it is the first
+    write beside the output: a folder that cannot be written in is one line here, before anything is loaded."""
+    return _holding(out, lambda: _agree(lambda: _take(out, flag)))
+
+
+@contextlib.contextmanager
+def _holding(out: str, take):
+    """take() the lock of `out`, and release it when the block ends, unless this process held it already."""
+    path = os.path.abspath(lock_path(out))
+    mine = path in _HELD
+    take()
+    try:
+        yield
+    finally:
+        if not mine and path in _HELD:
+            _release(path)
+
+
+def _release(path: str) -> None:
+    """Remove a lock of this process (and the folders made only for it, when still empty). Removed before the
+    descriptor is closed: a run waiting on the old file then finds it gone and locks a new one."""
+    fd, made = _HELD.pop(path)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    os.close(fd)
+    for m in made:
+        try:
+            os.rmdir(m)
+        except OSError:
+            break
+
+
+def live_holder(out: str) -> dict | None:
+    """The run that holds `out`'s lock now (another process), or None. Looks without taking it."""
+    path = os.path.abspath(lock_path(out))
+    if path in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        holder = _holder(fd)
+        got = _flock(fd, fcntl.LOCK_SH)
+        if got is False:
+            return holder or {"command": "?"}
+        if got is None and holder.get("boot") == _me()["boot"] and _alive(holder):
+            return holder
+        return None
+    finally:
+        os.close(fd)  # closing drops the shared lock, if it was taken
 
 
 def trainer_folder_owner(out: str) -> str | None:

@@ -141,7 +141,8 @@ def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[a
         if getattr(args, k) is None:
             ap.error(f"--{k} is required (or --teacher / --student: a stage of the run in --run-dir)")
     check_ranges(ap, args, **RANGES)
-    outs = {"--out": args.out, "--out's staging folder": outputs.staging(args.out)}
+    outs = {"--out": args.out, "--out's staging folder": outputs.staging(args.out),
+            "--out's lock": outputs.lock_path(args.out)}
     outputs.check_apart(outs, {f"--{k}": getattr(args, k, None) for k in ("model", "data", "ref")})
     return args, extra
 

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -239,3 +241,51 @@ def test_older_torch_is_named_in_one_line(monkeypatch):
     monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
     with pytest.raises(WltError, match=r"need a torch whose .*HuggingFaceStorageWriter.*this is torch .*--save-every 0"):
         checkpoint.require_dcp()
+
+
+def test_one_run_per_output_under_torchrun_and_after_a_kill(tiny_model_dir, tmp_path, monkeypatch,
+                                                            one_thread):
+    """A trainer under torchrun (2 processes) holds its --out: rank 0 alone takes OUT.lock, naming itself; a second
+    run on that --out, as typed, is refused with one line naming the first, and changes nothing. Rank 0
+    SIGKILLed (no cleanup runs): the lock stays, its process gone; the same command again takes it over with a word
+    and trains."""
+    import subprocess
+    from as_typed import run_case, snapshot
+    data = str(tmp_path / "pairs.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps({"prompt": f"Human: question {i}? Assistant:", "chosen": f" good {i}.",
+                                 "rejected": f" bad {i}"}) + "\n" for i in range(12))
+    out = str(tmp_path / "sft")
+    base = ["--model", tiny_model_dir("llama"), "--data", data, "--eval-pairs", "0", "--out", out]
+    first = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SFT,
+                              *base, "--batch-size", "2", "--epochs", "1000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        holder = {}
+        for _ in range(600):  # until rank 0 has taken the lock
+            try:
+                holder = json.load(open(out + ".lock"))
+                break
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        assert holder.get("processes") == 2, holder
+        assert "RANK=0" in open(f"/proc/{holder['pid']}/environ").read().split("\0")  # rank 0 holds it
+        monkeypatch.chdir(ROOT)
+        before = snapshot(str(tmp_path))
+        code, stdout, stderr = run_case("train_sft.py", [*base, "--max-steps", "1"])
+        assert code == 1 and stderr.strip().splitlines() == [
+            f"error: --out {out} is in use by another run: `{holder['command']}` (process {holder['pid']} on host "
+            f"{holder['host']}, 2 processes, since {holder['since']}); wait for it to end, or choose another --out"]
+        assert snapshot(str(tmp_path)) == before
+        os.kill(holder["pid"], signal.SIGKILL)
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.terminate()  # torchrun passes it on to its processes
+            first.wait(timeout=60)
+    assert json.load(open(out + ".lock"))["pid"] == holder["pid"]  # left behind by the kill
+    code, stdout, stderr = run_case("train_sft.py", [*base, "--max-steps", "1"])
+    assert code == 0, stderr[-2000:]
+    assert f"--out {out}: the run that held it, `{holder['command']}` (process {holder['pid']}" in stdout
+    assert "is gone (killed?); taking its lock over" in stdout
+    assert os.path.isfile(os.path.join(out, "train_config.json")) and not os.path.exists(out + ".lock")

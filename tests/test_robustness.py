@@ -69,7 +69,9 @@ def pickled_model(folder: str, model: str) -> str:
 
 def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     """One process runs the setup (a finished SFT, DPO and labels on a GPT-2 with 128 positions) and then every
-    row (tests/as_typed.py), each watched by hashing the whole folder before and after."""
+    row (tests/as_typed.py), each watched by hashing the whole folder before and after. Outputs in use are held
+    by this test's process (the lock a run takes, outputs.locked) while the rows run."""
+    from lib import outputs
     w = str(tmp_path / "w")
     os.makedirs(w)
     j = lambda *p: os.path.join(w, *p)  # noqa: E731
@@ -102,6 +104,7 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     for sub, name in (("adapter", "adapter_model.safetensors"), ("checkpoint", "state.pt")):  # the user's own
         os.makedirs(j("mine", sub))
         open(j("mine", sub, name), "w").write("the user's own\n")
+    being_trained = shutil.copytree(model, j("model2"))
     sft, dpo, weak, missing = j("sft"), j("dpo"), j("weak.jsonl"), j("goood.jsonl")
     small = ["--batch-size", "4", "--eval-pairs", "0", "--max-steps", "2"]
     S = ["--model", sft, "--data", data]  # train_dpo.py from the finished SFT
@@ -167,6 +170,18 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
          f"--model {sft} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
         ("label.py", ["--model", dpo, "--ref", other, "--data", data, "--out", j("o.jsonl")], 1,
          f"--model {dpo} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("busy")], 1,
+         f"--out {j('busy')} is in use by another run: `"),
+        ("label.py", [*L, "--data", data, "--out", j("busy.jsonl")], 1, f"--out {j('busy.jsonl')} is in use by "
+                                                                          f"another run: `"),
+        ("evaluate.py", ["--policy", f"a={dpo}", "--prompts", data, "--gold-rm", model, "--out", j("busy")], 1,
+         f"--out {j('busy')} is in use by another run: `"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("notes.txt", "o")], 1,
+         f"--out {j('notes.txt', 'o')}: {j('notes.txt')} is a file, not a folder; choose another --out"),
+        ("label.py", [*L, "--data", data, "--out", j("notes.txt", "w.jsonl")], 1, f"{j('notes.txt')} is a file, not a "
+                                                                                  f"folder"),
+        ("evaluate.py", ["--policy", f"a={dpo}", "--prompts", data, "--gold-rm", model, "--out", j("notes.txt", "e")],
+         1, f"{j('notes.txt')} is a file, not a folder"),
         ("train_sft.py", ["--model", pickled, "--data", data, "--out", j("o")], 1,
          f"{j('pickled', 'pytorch_model.bin')}: a pickle that holds more than weights (it calls posix.system), "
          f"refused unread"),
@@ -180,8 +195,11 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     cases = [{"script": s, "argv": a, "watch": w} for s, a in setup] + \
             [{"script": s, "argv": a, "watch": w} for s, a, _, _ in rows]
     json.dump(cases, open(str(tmp_path / "cases.json"), "w"))
-    run_script(os.path.join(ROOT, "tests", "as_typed.py"), str(tmp_path / "cases.json"), str(tmp_path / "res.json"),
-               env={"OMP_NUM_THREADS": "1"})
+    with outputs.locked(j("busy")), outputs.locked(j("busy.jsonl")):
+        run_script(os.path.join(ROOT, "tests", "as_typed.py"), str(tmp_path / "cases.json"),
+                   str(tmp_path / "res.json"), env={"OMP_NUM_THREADS": "1"})
+    assert not [n for n in os.listdir(w) if n.endswith(".lock")]  # every lock released
+
     res = json.load(open(str(tmp_path / "res.json")))
     for r, (s, a) in zip(res, setup):
         assert r["code"] == 0, (s, r["stderr"][-2000:])
@@ -347,6 +365,47 @@ def test_label_with_the_same_model_twice_says_so_first(tmp_path, tiny_model_dir,
                         f"will be 0, and every label a tie broken by a hash of the two texts (--model is the teacher "
                         f"trained with DPO, --ref the model it started from)")
     assert "teacher: " in stdout and "11 pair(s) with exactly equal rewards" in stdout
+
+
+def test_out_in_a_folder_that_cannot_be_written(tmp_path, tiny_model_dir, monkeypatch):
+    """--out in a read-only folder: one line naming it, before any model or tokenizer is read, and nothing made.
+    As root the kernel lets every write through, so there the folder refuses from outside the code as it refuses
+    any other user (EACCES from os.open and os.mkdir below it)."""
+    import errno
+    import transformers
+    from as_typed import run_case
+    data = write_pairs(str(tmp_path / "pairs.jsonl"))
+    ro, model = str(tmp_path / "ro"), tiny_model_dir("gpt2")
+    os.makedirs(ro)
+    os.chmod(ro, 0o555)
+    if os.geteuid() == 0:
+        def refuse(fn):
+            def call(path, *args, **kwargs):
+                if os.path.abspath(path).startswith(ro + os.sep):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+                return fn(path, *args, **kwargs)
+            return call
+        monkeypatch.setattr(os, "open", refuse(os.open))
+        monkeypatch.setattr(os, "mkdir", refuse(os.mkdir))
+    loads = []  # nothing of a model is read: its config, tokenizer or weights
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    for script, argv in (("train_sft.py", ["--model", model, "--data", data, "--out", "ro/sft"]),
+                         ("train_dpo.py", ["--model", model, "--data", data, "--out", "ro/new/dpo"]),
+                         ("label.py", ["--model", model, "--ref", tiny_model_dir("llama"), "--data", data, "--out",
+                                       "ro/weak.jsonl"]),
+                         ("evaluate.py", ["--policy", f"a={model}", "--prompts", data, "--gold-rm", model, "--out",
+                                          "ro/eval"])):
+        code, stdout, stderr = run_case(os.path.join(ROOT, script), argv)
+        where = "ro/new" if "new" in argv[-1] else "ro"
+        assert code == 1 and stderr.strip().splitlines() == [
+            f"error: --out {argv[-1]}: " + (f"cannot create folder {where} (Permission denied); choose another --out"
+                                            if "new" in argv[-1] else
+                                            f"cannot write in {where} (Permission denied); choose a folder you can "
+                                            f"write in")], (script, stderr)
+    assert not loads and os.listdir(ro) == []
+    os.chmod(ro, 0o755)
 
 
 def test_resume_names_what_changed(tmp_path, tiny_model_dir, monkeypatch, capsys, one_thread):
