@@ -495,7 +495,12 @@ def run(args):
     exact_gold = cfg.get("source") == "synthetic" and not args.gold_rm
     if not exact_gold and not args.gold_rm:
         raise WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
+    if not args.policy:  # the run's policies: a final save that a kill cut is completed before they are chosen
+        outputs.check_model_inputs({f"policy {role}": os.path.join(args.run_dir, "student", sub) for role, sub in
+                                    (("sft", "sft"), ("human", "dpo-human"), ("weak", "dpo-weak"))},
+                                   finished_only=False)
     pols = policies(args, cfg)
+    outputs.check_model_inputs({f"--policy {n}": p for n, p in pols.items()})  # finished, and not being written
     weak_path = os.path.join(args.run_dir, "data", "weak.jsonl") if args.run_dir else None
     outputs.check_apart({"--out": args.out}, {**{f"--policy {n}": p for n, p in pols.items()},
                                              "--prompts": args.prompts, "--gold-rm": args.gold_rm,

@@ -208,7 +208,9 @@ def run(args):
         log(f"warning: --model and --ref are the same model ({args.model}): every reward beta*log(pi_w/pi_ref) will "
             f"be 0, and every label a tie broken by a hash of the two texts (--model is the teacher trained with DPO, "
             f"--ref the model it started from)")
-    # ---- checks first, reading only: the models' positions and tokenizers, the output, then the data (below)
+    # ---- checks first, reading only: the models (finished trainings, one tokenizer) and their positions, the
+    # output, then the data (below)
+    outputs.check_model_inputs({"--model": args.model, "--ref": args.ref})
     check_file(args.data)
     check_model_dir(args.ref)
     for flag in ("--ref", "--model"):

@@ -3,17 +3,22 @@
     check_apart        an output that resolves to an input (or lies inside one, or holds one) is refused
     locked             one run per output: OUT.lock beside it, held from a script's start to its end
     check_owner        a folder is written into only when it is absent, empty or an output of the same script
-    swap_in            a trainer's final model, written whole into OUT.staging/ beside OUT, moved into OUT
+    swap_in            a trainer's final model, written whole into OUT.staging/ beside OUT, switched in whole
+    check_model_inputs a trainer's output read as a model is finished (a swap a kill cut is completed first)
     replace_files      label.py's and evaluate.py's results, written whole under temporary names, renamed
     Partial            label.py's and evaluate.py's finished batches, kept in OUT.partial/ as they are made, so that
     run_batches        a killed run, rerun with the same command, computes only what is missing
 
 A script takes its output's lock first (the one file it writes before its checks, beside the output, removed on
 the way out); the checks read only, and a script calls them all before it creates, moves or deletes anything.
+check_model_inputs alone may complete, under that input's lock, the switch a kill cut: what the trainer's own
+next start would do.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import glob
 import json
@@ -343,53 +348,165 @@ def claim(out: str, script: str) -> None:
         remove_dir(stage)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# a trainer's final output, switched in whole. It is written into OUT.staging/ beside OUT, its marker
+# (train_config.json) last. Then, with stop signals held: the entries of OUT that are not part of its previous
+# final output (metrics.jsonl, checkpoint/, ref_logps.safetensors, written_by.json, the user's own files) move
+# into the new folder one rename each, while OUT still holds the previous output whole and marked; then one
+# rename exchanges the two folders (Linux renameat2), so OUT is the old output whole or the new one whole at
+# every moment. Where the file system cannot exchange (NFS, other systems), OUT goes to OUT.replaced and the new
+# folder to OUT: a kill between those two leaves no OUT, which every stage that reads a model completes
+# (check_model_inputs), as the trainer does at its next start (finish_swap). The previous output is deleted last.
+
 def staging(out: str) -> str:
     return out.rstrip(os.sep) + ".staging"
 
 
+def replaced(out: str) -> str:
+    return out.rstrip(os.sep) + ".replaced"
+
+
+def _marker(folder: str, marker: str) -> dict | None:
+    try:
+        d = read_json(os.path.join(folder, marker))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else {}
+
+
+def next_generation(out: str, marker: str) -> int:
+    """The number the next final output of `out` carries in its marker: one more than the present one's. After the
+    exchange the previous output sits in OUT.staging/ for a moment; its lower number tells it from a new one."""
+    m = _marker(out, marker)
+    return int(m.get("generation", 0)) + 1 if m is not None else 1
+
+
 def _previous_final(out: str, marker: str) -> set[str]:
     """The entries of the finished output in `out` (as its marker lists them; before markers listed them, the
-    weights and the adapter)."""
-    try:
-        files = read_json(os.path.join(out, marker)).get("files")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        files = None
+    weights and the adapter), its marker included; none when `out` holds no finished output."""
+    m = _marker(out, marker)
+    if m is None:
+        return set()
+    files = m.get("files")
     if isinstance(files, list):
-        return set(files)
-    return {os.path.basename(p) for p in glob.glob(os.path.join(out, "model*.safetensors*"))} | {"adapter"}
+        return set(files) | {marker}
+    return {os.path.basename(p) for p in glob.glob(os.path.join(out, "model*.safetensors*"))} | {"adapter", marker}
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Exchange two folders in one step (Linux renameat2 with RENAME_EXCHANGE). False where the system or the
+    file system cannot (then nothing happened)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EXDEV):
+        return False
+    raise OSError(e, os.strerror(e), a)
 
 
 def swap_in(out: str, marker: str) -> None:
-    """Move the complete output in OUT.staging/ (its marker written last) into OUT, signals held: the previous
-    output's marker goes first (from here on the folder is not finished), then its entries that the new one
-    does not have, then each new entry replaces the old one, and the new marker comes last. A SIGKILL in
-    between leaves OUT unfinished and OUT.staging/ complete: finish_swap completes it at the next start."""
-    stage = staging(out)
+    """Switch the complete output in OUT.staging/ (its marker written last) in for OUT's, signals held (see above).
+    Also completes a switch that a kill cut at any step (finish_swap calls it then)."""
+    stage, old = staging(out), replaced(out)
     with signals_held():
-        os.makedirs(out, exist_ok=True)
-        new = set(os.listdir(stage)) - {marker}
-        old = _previous_final(out, marker) if os.path.isfile(os.path.join(out, marker)) else set()
-        if os.path.isfile(os.path.join(out, marker)):
-            os.remove(os.path.join(out, marker))
-        for name in sorted(old - new):
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                remove_dir(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        for name in sorted(new):
-            dst = os.path.join(out, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                remove_dir(dst)
-            os.replace(os.path.join(stage, name), dst)
-        os.replace(os.path.join(stage, marker), os.path.join(out, marker))
-        os.rmdir(stage)
+        if os.path.isdir(out):
+            if os.path.isdir(old):  # the previous output of a switch that ended in this state: not needed
+                shutil.rmtree(old)
+            new = set(os.listdir(stage))
+            for name in sorted(set(os.listdir(out)) - _previous_final(out, marker) - new):
+                os.replace(os.path.join(out, name), os.path.join(stage, name))  # the run's and the user's files
+            if _exchange(out, stage):
+                os.replace(stage, old)
+            else:
+                os.replace(out, old)
+                os.replace(stage, out)
+        else:
+            os.replace(stage, out)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
 
 
 def finish_swap(out: str, marker: str) -> None:
-    """A complete OUT.staging/ (its marker there) is an output whose swap was cut by a kill: complete it."""
-    if os.path.isfile(os.path.join(staging(out), marker)):
-        swap_in(out, marker)
+    """Complete what a kill cut inside swap_in: a complete OUT.staging/ (its marker there) is switched in, unless
+    it is the previous output, already switched out (a lower generation than OUT's); a leftover OUT.replaced/ is
+    deleted once OUT exists."""
+    stage, old = staging(out), replaced(out)
+    staged = _marker(stage, marker)
+    if staged is not None:
+        now = _marker(out, marker)
+        if now is not None and "generation" in now and int(staged.get("generation", 0)) < int(now["generation"]):
+            shutil.rmtree(stage)  # the previous output: the switch had happened
+        else:
+            swap_in(out, marker)
+    if os.path.isdir(old):
+        if os.path.isdir(out):
+            shutil.rmtree(old)
+        elif _marker(old, marker) is not None:  # no new output to take its place (removed by hand?): put it back
+            os.replace(old, out)
+
+
+def cut_swap(out: str, marker: str = "train_config.json") -> bool:
+    """Whether a kill cut the switch of `out`'s final output (finish_swap has something to do)."""
+    return _marker(staging(out), marker) is not None or os.path.isdir(replaced(out))
+
+
+def check_model_inputs(models: dict[str, str | None], marker: str = "train_config.json",
+                       finished_only: bool = True) -> None:
+    """Before a stage reads models (flag -> path; hub names and None pass): a folder that a trainer writes now is
+    refused, naming the run; a trainer's output whose final switch a kill cut is completed here (under its lock,
+    as the trainer's next start would), with a word; a trainer's output without its marker (a run stopped before
+    its end) is refused, naming the command that finishes it (unless not finished_only: then the caller leaves
+    it out). Rank 0 looks; every rank gets its verdict."""
+    def check():
+        for flag, path in models.items():
+            if path and (os.path.isdir(path) or cut_swap(path, marker)):
+                _check_model_input(flag, path, marker, finished_only)
+    _agree(check)
+
+
+def _check_model_input(flag: str, path: str, marker: str, finished_only: bool) -> None:
+    holder = live_holder(path)
+    if holder:
+        raise WltError(f"{flag} {path} is being written by another run: {_who(holder)}; wait for it to end")
+    if cut_swap(path, marker):
+        stale = _holder_of_file(lock_path(path))
+        try:
+            with _holding(path, lambda: _take(path, flag)):  # rank 0 alone
+                finish_swap(path, marker)
+        except WltError as e:
+            raise WltError(f"{flag} {path}: a kill cut the last step of the run that wrote it, and it cannot be "
+                           f"completed from here ({e}); {_finish_command(path, stale)}") from None
+        log(f"{flag} {path}: completed the final save that a kill had cut (the new output switched in whole)")
+    owner = trainer_folder_owner(path)
+    if finished_only and owner and _marker(path, marker) is None:
+        raise WltError(f"{flag} {path}: an unfinished output of {owner} (no {marker}: its run stopped before the "
+                       f"end); {_finish_command(path, _holder_of_file(lock_path(path)))}, or give a finished model")
+
+
+def _holder_of_file(path: str) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_command(path: str, holder: dict) -> str:
+    """What finishes a trainer's output: its command again with --resume (named when a killed run's lock left it)."""
+    cmd = holder.get("command")
+    if not cmd:
+        return f"rerun the command that trains {path} with --resume to finish it"
+    cmd = cmd if " --resume" in f" {cmd} " else f"{cmd} --resume"
+    runner = "torchrun ... " if (holder.get("processes") or 1) > 1 else "python "
+    return f"finish it with `{runner}{cmd}`"
 
 
 def replace_files(writes: list[tuple[str, object]], marker: str, marker_obj) -> None:

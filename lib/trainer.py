@@ -142,8 +142,11 @@ def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[a
             ap.error(f"--{k} is required (or --teacher / --student: a stage of the run in --run-dir)")
     check_ranges(ap, args, **RANGES)
     outs = {"--out": args.out, "--out's staging folder": outputs.staging(args.out),
-            "--out's lock": outputs.lock_path(args.out)}
+            "--out's replaced folder": outputs.replaced(args.out), "--out's lock": outputs.lock_path(args.out)}
     outputs.check_apart(outs, {f"--{k}": getattr(args, k, None) for k in ("model", "data", "ref")})
+    if os.path.islink(args.out.rstrip(os.sep)):  # the final switch exchanges folders: it would move the link
+        raise WltError(f"--out {args.out} is a symbolic link; pass the folder it points to, "
+                       f"{os.path.realpath(args.out)}")
     return args, extra
 
 
@@ -293,23 +296,26 @@ def finished_run(marker: str, settings: dict, inputs: dict) -> tuple[bool, bool,
 
 
 def begin(args, kind: str) -> tuple | None:
-    """Start of a training run: every check first, then --out. Reads only: --out's owner, the model's config
-    (--max-len capped to its positions) and tokenizer, whether --out holds a finished run, and the data (read,
-    tokenized, the held-out slice carved). Returns None when there is nothing to do: a finished run with the same
-    settings and unchanged inputs. Only then is --out touched: marked as this trainer's (written_by.json), and,
-    unless --resume, cleared of an old mid-run checkpoint. A finished output stays whole and marked until
-    save_final swaps the new one in. Returns (the inputs' fingerprints, tokenizer, train pairs, held-out pairs,
-    data stats)."""
+    """Start of a training run, under --out's lock (the script holds it, outputs.locked): every check first,
+    then --out. Reads only: --out's owner, the models (a trainer's output must be finished; a cut final switch is
+    completed first) with their configs (--max-len capped to the positions) and tokenizers (--model and --ref must
+    share one), whether --out holds a finished run, and the data (read, tokenized, the held-out slice carved).
+    Returns None when there is nothing to do: a finished run with the same settings and unchanged inputs. Only
+    then is --out touched: marked as this trainer's (written_by.json), and, unless --resume, cleared of an old
+    mid-run checkpoint. A finished output stays whole and marked until save_final switches the new one in.
+    Returns (the inputs' fingerprints, tokenizer, train pairs, held-out pairs, data stats)."""
     script = f"train_{kind}.py"
     tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
     dist.init_distributed(args.dist_timeout)
     marker = os.path.join(args.out, "train_config.json")
-    if rank() == 0:  # a kill between the renames of the last swap: complete it (it loses nothing)
+    if rank() == 0 and outputs.cut_swap(args.out):  # a kill inside the last switch of --out: complete it
         outputs.finish_swap(args.out, "train_config.json")
+        log(f"--out {args.out}: completed the final save that a kill had cut (the new output switched in whole)")
     dist.barrier()
+    ref = getattr(args, "ref", None) if not getattr(args, "reference_free", False) else None
+    outputs.check_model_inputs({"--model": args.model, "--ref": ref})
     outputs.check_owner(args.out, script, args.overwrite, folders=outputs.TRAINER_FOLDERS)
     check_file(args.data)
-    ref = getattr(args, "ref", None) if not getattr(args, "reference_free", False) else None
     for key, path in (("model", args.model), ("ref", ref)):
         if path:
             check_model_dir(path)
@@ -354,7 +360,7 @@ def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, 
     an HF checkpoint; with LoRA, the merged model plus adapter/ in PEFT's layout. Then train_config.json, last:
     the script, the resolved settings (trust_remote_code among them), data counts, per-rank memory, the inputs'
     fingerprints and the files of the output; its presence marks a complete output. All of it is written into
-    OUT.staging/ beside --out and swapped in whole (outputs.swap_in); then the mid-run checkpoint is removed. The
+    OUT.staging/ beside --out and switched in whole (outputs.swap_in); then the mid-run checkpoint is removed. The
     model is written as a user publishes it: in the dtype it came in (or --save-dtype), in shards."""
     stats["memory"] = memory.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
     opt.state.clear()  # the AdamW moments are not needed any more: room for the gathered and cast weights
@@ -376,7 +382,8 @@ def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, 
                 checkpoint.save_hf_checkpoint(stage, sd, model, tok, unique_keys, dtype, args.max_shard_size)
             write_json(os.path.join(stage, "train_config.json"),
                        {"script": f"train_{'dpo' if hasattr(args, 'beta') else 'sft'}.py", "args": vars(args),
-                        "data": stats, "inputs": inputs, "files": sorted(os.listdir(stage))})
+                        "data": stats, "inputs": inputs, "files": sorted(os.listdir(stage)),
+                        "generation": outputs.next_generation(args.out, "train_config.json")})
         except BaseException:  # a failure or a signal while writing: no half-written staging folder stays
             remove_dir(stage)
             raise

@@ -104,7 +104,12 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     for sub, name in (("adapter", "adapter_model.safetensors"), ("checkpoint", "state.pt")):  # the user's own
         os.makedirs(j("mine", sub))
         open(j("mine", sub, name), "w").write("the user's own\n")
+    os.makedirs(j("killed"))  # what a trainer killed before its first checkpoint leaves
+    json.dump({"script": "train_sft.py"}, open(j("killed", "written_by.json"), "w"))
+    open(j("killed", "metrics.jsonl"), "w").write('{"step": 1, "loss": 5.0}\n')
     being_trained = shutil.copytree(model, j("model2"))
+    os.makedirs(j("elsewhere"))
+    os.symlink(j("elsewhere"), j("outlink"))
     sft, dpo, weak, missing = j("sft"), j("dpo"), j("weak.jsonl"), j("goood.jsonl")
     small = ["--batch-size", "4", "--eval-pairs", "0", "--max-steps", "2"]
     S = ["--model", sft, "--data", data]  # train_dpo.py from the finished SFT
@@ -176,6 +181,15 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
                                                                           f"another run: `"),
         ("evaluate.py", ["--policy", f"a={dpo}", "--prompts", data, "--gold-rm", model, "--out", j("busy")], 1,
          f"--out {j('busy')} is in use by another run: `"),
+        ("train_dpo.py", ["--model", being_trained, "--data", data, "--out", j("o")], 1,
+         f"--model {being_trained} is being written by another run: `"),
+        ("train_dpo.py", ["--model", j("killed"), "--data", data, "--out", j("o")], 1,
+         f"--model {j('killed')}: an unfinished output of train_sft.py (no train_config.json: its run stopped before "
+         f"the end); rerun the command that trains {j('killed')} with --resume to finish it, or give a finished model"),
+        ("evaluate.py", ["--policy", f"a={j('killed')}", "--prompts", data, "--gold-rm", model, "--out", j("ev")], 1,
+         f"--policy a {j('killed')}: an unfinished output of train_sft.py"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("outlink")], 1,
+         f"--out {j('outlink')} is a symbolic link; pass the folder it points to, {j('elsewhere')}"),
         ("train_sft.py", ["--model", model, "--data", data, "--out", j("notes.txt", "o")], 1,
          f"--out {j('notes.txt', 'o')}: {j('notes.txt')} is a file, not a folder; choose another --out"),
         ("label.py", [*L, "--data", data, "--out", j("notes.txt", "w.jsonl")], 1, f"{j('notes.txt')} is a file, not a "
@@ -195,11 +209,10 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     cases = [{"script": s, "argv": a, "watch": w} for s, a in setup] + \
             [{"script": s, "argv": a, "watch": w} for s, a, _, _ in rows]
     json.dump(cases, open(str(tmp_path / "cases.json"), "w"))
-    with outputs.locked(j("busy")), outputs.locked(j("busy.jsonl")):
+    with outputs.locked(j("busy")), outputs.locked(j("busy.jsonl")), outputs.locked(being_trained):
         run_script(os.path.join(ROOT, "tests", "as_typed.py"), str(tmp_path / "cases.json"),
                    str(tmp_path / "res.json"), env={"OMP_NUM_THREADS": "1"})
     assert not [n for n in os.listdir(w) if n.endswith(".lock")]  # every lock released
-
     res = json.load(open(str(tmp_path / "res.json")))
     for r, (s, a) in zip(res, setup):
         assert r["code"] == 0, (s, r["stderr"][-2000:])
@@ -317,54 +330,6 @@ def test_swap_in_replaces_only_the_final_output(tmp_path):
     assert [open(os.path.join(out, n)).read() for n in ("model.safetensors", "config.json", "notes.txt")] == \
         ["new", "new", "mine"]
     assert not os.path.exists(stage)
-
-
-def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monkeypatch, one_thread):
-    """Off a terminal (stderr to a file) a progress line comes at each tenth of the work and also once 30 s
-    have passed since the last line: a run whose tenth takes long does not look stuck. The clock is advanced from
-    outside (31 s per reading of lib.console's monotonic clock): a line at every step."""
-    from as_typed import run_case
-    from lib import console
-    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
-    argv = ["--model", tiny_model_dir("llama"), "--data", data, "--eval-pairs", "0", "--batch-size", "1",
-            "--epochs", "4", "--max-len", "64"]  # 44 steps: a tenth is 4.4 of them
-
-    class Clock:
-        now = 0.0
-
-        @staticmethod
-        def monotonic():
-            Clock.now += 31
-            return Clock.now
-        time = staticmethod(time.time)
-
-    monkeypatch.chdir(ROOT)
-    lines = {}
-    for clock in ("real", "slow"):
-        if clock == "slow":
-            monkeypatch.setattr(console, "time", Clock)
-        code, _, stderr = run_case("train_sft.py", [*argv, "--out", str(tmp_path / clock)])
-        assert code == 0, stderr[-2000:]
-        lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
-    assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
-    assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
-
-
-def test_label_with_the_same_model_twice_says_so_first(tmp_path, tiny_model_dir, monkeypatch, one_thread):
-    """label.py --model X --ref X: every reward is 0 and every label a tie; said in the first line, before any
-    model is loaded or any pair labeled (and again at the end, counting the ties)."""
-    from as_typed import run_case
-    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
-    model = tiny_model_dir("gpt2")
-    monkeypatch.chdir(ROOT)
-    code, stdout, stderr = run_case("label.py", ["--model", model, "--ref", model, "--data", data, "--out",
-                                                 str(tmp_path / "w.jsonl")])
-    assert code == 0, stderr[-2000:]
-    lines = stdout.splitlines()
-    assert lines[0] == (f"warning: --model and --ref are the same model ({model}): every reward beta*log(pi_w/pi_ref) "
-                        f"will be 0, and every label a tie broken by a hash of the two texts (--model is the teacher "
-                        f"trained with DPO, --ref the model it started from)")
-    assert "teacher: " in stdout and "11 pair(s) with exactly equal rewards" in stdout
 
 
 def test_out_in_a_folder_that_cannot_be_written(tmp_path, tiny_model_dir, monkeypatch):
