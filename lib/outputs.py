@@ -451,8 +451,12 @@ def finish_swap(out: str, marker: str) -> None:
 
 
 def cut_swap(out: str, marker: str = "train_config.json") -> bool:
-    """Whether a kill cut the switch of `out`'s final output (finish_swap has something to do)."""
-    return _marker(staging(out), marker) is not None or os.path.isdir(replaced(out))
+    """Whether a kill cut the switch of a trainer's output `out` (finish_swap has something to do): OUT.staging/
+    holds a trainer's complete output, or OUT.replaced/ is left, beside a trainer's folder or none (between the
+    two renames). Folders of those names beside anything else are not this project's: never touched."""
+    staged = _marker(staging(out), marker)
+    left = (staged is not None and bool(staged.get("script"))) or os.path.isdir(replaced(out))
+    return left and (not os.path.lexists(out) or trainer_folder_owner(out) is not None)
 
 
 def check_model_inputs(models: dict[str, str | None], marker: str = "train_config.json",
@@ -464,7 +468,7 @@ def check_model_inputs(models: dict[str, str | None], marker: str = "train_confi
     it out). Rank 0 looks; every rank gets its verdict."""
     def check():
         for flag, path in models.items():
-            if path and (os.path.isdir(path) or cut_swap(path, marker)):
+            if path and (os.path.isdir(path) or cut_swap(path, marker)):  # not a hub name
                 _check_model_input(flag, path, marker, finished_only)
     _agree(check)
 
@@ -473,7 +477,7 @@ def _check_model_input(flag: str, path: str, marker: str, finished_only: bool) -
     holder = live_holder(path)
     if holder:
         raise WltError(f"{flag} {path} is being written by another run: {_who(holder)}; wait for it to end")
-    if cut_swap(path, marker):
+    if cut_swap(path, marker) and os.path.isfile(lock_path(path)):  # a kill inside a switch left its run's lock
         stale = _holder_of_file(lock_path(path))
         try:
             with _holding(path, lambda: _take(path, flag)):  # rank 0 alone

@@ -334,6 +334,25 @@ def test_a_kill_at_any_step_of_the_final_switch(tiny_model_dir, tmp_path, monkey
         assert set(os.listdir(d)) == left, (looks, os.listdir(d))
 
 
+def test_names_beside_a_folder_no_trainer_wrote_are_left_alone(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """A stage reading a model folder that no trainer wrote never takes the user's folders named like a switch's
+    (M.staging/ holding a trainer's finished output, M.replaced/) for a cut switch: nothing moved or deleted."""
+    from as_typed import run_case, snapshot
+    model = shutil.copytree(tiny_model_dir("gpt2"), str(tmp_path / "m"))
+    shutil.copytree(model, str(tmp_path / "m.staging"))
+    json.dump({"script": "train_sft.py", "args": {}, "files": ["model.safetensors"]},
+              open(str(tmp_path / "m.staging" / "train_config.json"), "w"))
+    os.makedirs(str(tmp_path / "m.replaced"))
+    open(str(tmp_path / "m.replaced" / "mine.txt"), "w").write("the user's own\n")
+    open(str(tmp_path / "m.lock"), "w").write("")  # even beside a lock file
+    before = snapshot(str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    code, _, stderr = run_case("label.py", ["--model", model, "--ref", tiny_model_dir("llama"), "--data",
+                                            str(tmp_path / "goood.jsonl"), "--out", str(tmp_path / "w.jsonl")])
+    assert code == 1 and "goood.jsonl: no such file" in stderr, stderr
+    assert snapshot(str(tmp_path)) == before
+
+
 def test_one_run_per_output_under_torchrun_and_after_a_kill(tiny_model_dir, tmp_path, monkeypatch,
                                                             one_thread):
     """A trainer under torchrun (2 processes) holds its --out: rank 0 alone takes OUT.lock, naming itself; a second
