@@ -83,7 +83,8 @@ def parse_args() -> argparse.Namespace:
     args.max_len = 512 if args.max_len is None else args.max_len
     check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1", dist_timeout="> 0")
     outputs.check_apart({"--out": args.out, "--out's summary": runs.summary_path(args.out),
-                         "--out's partial results": args.out + ".partial", "--out's lock": outputs.lock_path(args.out)},
+                         "--out's partial results": args.out + ".partial",
+                         "--out's lock": outputs.lock_path(args.out)},
                         {"--data": args.data, "--model": args.model, "--ref": args.ref})
     return args
 
