@@ -481,6 +481,7 @@ def results_markdown(res: dict) -> str:
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
     with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
         run(args)
 
@@ -509,7 +510,6 @@ def run(args):
               "weak": fingerprint(weak_path), "gold_rm": fingerprint(args.gold_rm)}
     marker = os.path.join(args.out, "results.json")
     complete = all(os.path.isfile(os.path.join(args.out, f)) for f in ("results.md", "generations.jsonl"))
-    dist.init_distributed(args.dist_timeout)
     # rank 0 decides from its file system and tells the others, so that every rank stops or goes on together
     done = dist.broadcast(rank() == 0 and not args.overwrite and complete
                           and same_settings(marker, vars(args), inputs, ignore=("overwrite", "dist_timeout")))

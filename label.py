@@ -199,6 +199,7 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
     with outputs.locked(args.out):  # this run alone writes --out and its partial results, to its end
         run(args)
 
@@ -222,7 +223,6 @@ def run(args):
     inputs = {k: fingerprint(getattr(args, k)) for k in ("model", "ref", "data")}
     marker = runs.summary_path(args.out)
     check_out(args)
-    dist.init_distributed(args.dist_timeout)
     # rank 0 decides from its file system and tells the others, so that every rank stops or goes on together
     done = dist.broadcast(rank() == 0 and not args.overwrite and os.path.isfile(args.out)
                           and same_settings(marker, vars(args), inputs, ignore=("overwrite", "dist_timeout")))

@@ -194,6 +194,7 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
     with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
         run(args)
 

@@ -61,6 +61,7 @@ def held_out_loss(model, evals: list[dict], pad: int, args) -> float:
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
     with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
         run(args)
 

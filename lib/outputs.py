@@ -30,7 +30,7 @@ import sys
 import time
 
 from lib.console import WltError, log, progress
-from lib.dist import barrier, broadcast, gather_dicts, init_distributed, rank, world_size
+from lib.dist import barrier, broadcast, gather_dicts, rank, world_size
 from lib.files import appended_rows, read_json, remove_dir, what_changed, write_json
 from lib.signals import signals_held
 
@@ -226,8 +226,9 @@ def _take(out: str, flag: str) -> None:
 
 
 def _agree(check) -> None:
-    """Run check() on rank 0 only (a plain `python` run: here); every rank raises the one line it may raise."""
-    init_distributed()
+    """Run check() on rank 0 only (a plain `python` run: here); every rank raises the one line it may raise, so
+    that all stop or go on together. Under torchrun every rank calls it, in a process group already joined (the
+    script's init_distributed, with its --dist-timeout)."""
     err = None
     if rank() == 0:
         try:

@@ -306,7 +306,6 @@ def begin(args, kind: str) -> tuple | None:
     Returns (the inputs' fingerprints, tokenizer, train pairs, held-out pairs, data stats)."""
     script = f"train_{kind}.py"
     tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
-    dist.init_distributed(args.dist_timeout)
     marker = os.path.join(args.out, "train_config.json")
     if rank() == 0 and outputs.cut_swap(args.out):  # a kill inside the last switch of --out: complete it
         outputs.finish_swap(args.out, "train_config.json")
