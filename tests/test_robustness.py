@@ -170,7 +170,7 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
         ("train_dpo.py", [*S, "--out", dpo, *small], 0, "finished run with the same settings and inputs found; "
                                                         "nothing to do (--overwrite trains again)"),
         ("train_dpo.py", [*S, "--out", dpo, *small, "--lr", "1e-3"], 1,
-         "holds a finished run of other settings or inputs; nothing done. Pass --overwrite"),
+         "holds a finished run of other settings or inputs (--lr 5e-05 -> 0.001); nothing done. Pass --overwrite"),
         ("label.py", [*L, "--data", data, "--out", weak], 0, "already labeled with the same settings and inputs"),
         ("train_sft.py", ["--teacher", "--run-dir", j("run")], 1,
          f"{j('run', 'config.json')}: sets trust_remote_code (train.train_sft.py.teacher); remove it"),
