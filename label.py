@@ -82,6 +82,10 @@ def parse_args() -> argparse.Namespace:
     args.beta = 0.1 if args.beta is None else args.beta
     args.max_len = 512 if args.max_len is None else args.max_len
     check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1", dist_timeout="> 0")
+    if os.path.realpath(args.model) == os.path.realpath(args.ref):  # labels by a hash of the texts, not a teacher
+        raise WltError(f"--model and --ref are the same model ({args.model}): every reward beta*log(pi_w/pi_ref) would "
+                       f"be 0 and every label a tie; --model is the teacher trained with DPO, --ref the model it "
+                       f"started from")
     outputs.check_apart({"--out": args.out, "--out's summary": runs.summary_path(args.out),
                          "--out's partial results": args.out + ".partial",
                          "--out's lock": outputs.lock_path(args.out)},
@@ -206,10 +210,6 @@ def main():
 
 def run(args):
     """The labeling: every check, the data and the teacher, the log-probs batch by batch, the output."""
-    if os.path.realpath(args.model) == os.path.realpath(args.ref):  # said before the work, not only after it
-        log(f"warning: --model and --ref are the same model ({args.model}): every reward beta*log(pi_w/pi_ref) will "
-            f"be 0, and every label a tie broken by a hash of the two texts (--model is the teacher trained with DPO, "
-            f"--ref the model it started from)")
     # ---- checks first, reading only: the models (finished trainings, one tokenizer) and their positions, the
     # output, then the data (below)
     outputs.check_model_inputs({"--model": args.model, "--ref": args.ref})

@@ -178,6 +178,9 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
          f"--model {sft} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
         ("label.py", ["--model", dpo, "--ref", other, "--data", data, "--out", j("o.jsonl")], 1,
          f"--model {dpo} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("label.py", ["--model", sft, "--ref", sft, "--data", data, "--out", j("o.jsonl")], 1,
+         f"--model and --ref are the same model ({sft}): every reward beta*log(pi_w/pi_ref) would be 0 and every "
+         f"label a tie; --model is the teacher trained with DPO, --ref the model it started from"),
         ("train_sft.py", ["--model", model, "--data", data, "--out", j("busy")], 1,
          f"--out {j('busy')} is in use by another run: `"),
         ("label.py", [*L, "--data", data, "--out", j("busy.jsonl")], 1, f"--out {j('busy.jsonl')} is in use by "
@@ -431,20 +434,3 @@ def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monke
         lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
     assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
     assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step
-
-
-def test_label_with_the_same_model_twice_says_so_first(tmp_path, tiny_model_dir, monkeypatch, one_thread):
-    """label.py --model X --ref X: every reward is 0 and every label a tie; said in the first line, before any
-    model is loaded or any pair labeled (and again at the end, counting the ties)."""
-    from as_typed import run_case
-    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
-    model = tiny_model_dir("gpt2")
-    monkeypatch.chdir(ROOT)
-    code, stdout, stderr = run_case("label.py", ["--model", model, "--ref", model, "--data", data, "--out",
-                                                 str(tmp_path / "w.jsonl")])
-    assert code == 0, stderr[-2000:]
-    lines = stdout.splitlines()
-    assert lines[0] == (f"warning: --model and --ref are the same model ({model}): every reward beta*log(pi_w/pi_ref) "
-                        f"will be 0, and every label a tie broken by a hash of the two texts (--model is the teacher "
-                        f"trained with DPO, --ref the model it started from)")
-    assert "teacher: " in stdout and "11 pair(s) with exactly equal rewards" in stdout
