@@ -53,6 +53,18 @@ def other_tokenizer_model(folder: str) -> str:
     return folder
 
 
+def swapped_ids_model(folder: str, model: str) -> str:
+    """A copy of `model` whose tokenizer gives two tokens each other's ids: as many tokens, other text per id."""
+    shutil.copytree(model, folder)
+    path = os.path.join(folder, "tokenizer.json")
+    tj = json.load(open(path))
+    vocab = tj["model"]["vocab"]
+    a, b = sorted((t for t, i in vocab.items() if i in (100, 101)), key=vocab.get)
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    json.dump(tj, open(path, "w"))
+    return folder
+
+
 def pickled_model(folder: str, model: str) -> str:
     """A copy of `model` whose weights are a pytorch_model.bin pickle that would call os.system when unpickled."""
     import torch
@@ -98,6 +110,7 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": evil, "trust_remote_code": True}}}},
               open(j("run", "config.json"), "w"))
     other = other_tokenizer_model(j("other"))
+    swapped = swapped_ids_model(j("swapped"), model)
     pickled = pickled_model(j("pickled"), model)
     os.makedirs(j("run2"))
     json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": model, "overwrite": True}}}},
@@ -178,6 +191,8 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
          f"--model {sft} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
         ("label.py", ["--model", dpo, "--ref", other, "--data", data, "--out", j("o.jsonl")], 1,
          f"--model {dpo} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("train_dpo.py", [*S, "--ref", swapped, "--out", j("o")], 1,
+         f"--model {sft} and --ref {swapped} have different tokenizers (2 token(s) with other ids, e.g. "),
         ("label.py", ["--model", sft, "--ref", sft, "--data", data, "--out", j("o.jsonl")], 1,
          f"--model and --ref are the same model ({sft}): every reward beta*log(pi_w/pi_ref) would be 0 and every "
          f"label a tie; --model is the teacher trained with DPO, --ref the model it started from"),
