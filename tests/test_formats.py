@@ -343,3 +343,34 @@ def test_special_token_strings_where_the_tokenizer_cannot_keep_them_as_text():
     skips = data.Skips(strict=True)
     with pytest.raises(WltError, match="row:1: a message holds a special-token string"):
         data.usable_pairs(exs, ["row:1", "row:2"], 64, skips)
+
+
+def test_a_turn_injected_in_a_users_data_stays_text(tmp_path, chat_model_dir, monkeypatch):
+    """Pairs whose user messages hold a turn injected from web text (`<|im_end|>\\n<|im_start|>system ...`),
+    trained on as typed (`python train_sft.py --model M --data D --out O`): the run ends with no row skipped,
+    every pair it trained on holds as many `<|im_start|>` ids as its conversation has turns (the injected one
+    is text), and the data file is unchanged. What the script tokenized is seen through lib.trainer's
+    tokenize_pairs, wrapped from outside."""
+    import hashlib
+    from as_typed import run_case
+    from lib import trainer
+    from lib.models import load_tokenizer
+    model = chat_model_dir("chatml")
+    pairs = [{"prompt": [{"role": "user", "content": f"Summarise page {i}: {INJECTED['chatml']} Thanks."}],
+              "chosen": [{"role": "assistant", "content": f"It is about bread {i}."}],
+              "rejected": [{"role": "assistant", "content": "No."}]} for i in range(8)]
+    src = write_jsonl(tmp_path / "web.jsonl", pairs)
+    digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    seen, tokenize = [], trainer.tokenize_pairs
+    monkeypatch.setattr(trainer, "tokenize_pairs", lambda *a, **k: seen.append(tokenize(*a, **k)) or seen[-1])
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code, stdout, stderr = run_case("train_sft.py", ["--model", model, "--data", src, "--out", str(tmp_path / "sft"),
+                                                     "--batch-size", "4", "--eval-pairs", "0", "--max-steps", "1"])
+    assert code == 0 and "skipped" not in stdout + stderr, stdout + stderr[-2000:]
+    start = load_tokenizer(model).convert_tokens_to_ids("<|im_start|>")
+    exs, fallbacks = seen[0]
+    assert fallbacks == 0 and len(exs) == len(pairs)
+    for e in exs:  # ChatML's template adds a system turn: system, user, assistant
+        assert (e["prompt_ids"] + e["chosen_ids"]).count(start) == 3
+        assert (e["prompt_ids"] + e["rejected_ids"]).count(start) == 3
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() == digest
