@@ -225,14 +225,15 @@ def _take(out: str, flag: str) -> None:
         raise
 
 
-def _agree(check) -> None:
-    """Run check() on rank 0 only (a plain `python` run: here); every rank raises the one line it may raise, so
-    that all stop or go on together. Under torchrun every rank calls it, in a process group already joined (the
-    script's init_distributed, with its --dist-timeout)."""
+def on_rank_0(check, *args, **kwargs) -> None:
+    """Run check(*args, **kwargs) on rank 0 only (a plain `python` run: here); every rank raises the one line it
+    may raise, so that all stop or go on together (ranks that saw other files would otherwise part ways). Under
+    torchrun every rank calls it, in a process group already joined (the script's init_distributed, with its
+    --dist-timeout)."""
     err = None
     if rank() == 0:
         try:
-            check()
+            check(*args, **kwargs)
         except WltError as e:
             err = str(e)
     err = broadcast(err)
@@ -245,7 +246,7 @@ def locked(out: str, flag: str = "--out"):
     second run is refused, a lock whose process is gone is taken over with a word, and the lock goes on every way
     out of the block (an error, a stop signal; a SIGKILL leaves it to be taken over). Taking it is the first
     write beside the output: a folder that cannot be written in is one line here, before anything is loaded."""
-    return _holding(out, lambda: _agree(lambda: _take(out, flag)))
+    return _holding(out, lambda: on_rank_0(_take, out, flag))
 
 
 @contextlib.contextmanager
@@ -467,11 +468,13 @@ def check_model_inputs(models: dict[str, str | None], marker: str = "train_confi
     as the trainer's next start would), with a word; a trainer's output without its marker (a run stopped before
     its end) is refused, naming the command that finishes it (unless not finished_only: then the caller leaves
     it out). Rank 0 looks; every rank gets its verdict."""
-    def check():
-        for flag, path in models.items():
-            if path and (os.path.isdir(path) or cut_swap(path, marker)):  # not a hub name
-                _check_model_input(flag, path, marker, finished_only)
-    _agree(check)
+    on_rank_0(_check_model_inputs, models, marker, finished_only)
+
+
+def _check_model_inputs(models: dict[str, str | None], marker: str, finished_only: bool) -> None:
+    for flag, path in models.items():
+        if path and (os.path.isdir(path) or cut_swap(path, marker)):  # not a hub name
+            _check_model_input(flag, path, marker, finished_only)
 
 
 def _check_model_input(flag: str, path: str, marker: str, finished_only: bool) -> None:

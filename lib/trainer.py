@@ -313,7 +313,9 @@ def begin(args, kind: str) -> tuple | None:
     dist.barrier()
     ref = getattr(args, "ref", None) if not getattr(args, "reference_free", False) else None
     outputs.check_model_inputs({"--model": args.model, "--ref": ref})
-    outputs.check_owner(args.out, script, args.overwrite, folders=outputs.TRAINER_FOLDERS)
+    # whose folder --out is: rank 0 looks and every rank gets its verdict (the ranks of several nodes may see
+    # other files there)
+    outputs.on_rank_0(outputs.check_owner, args.out, script, args.overwrite, folders=outputs.TRAINER_FOLDERS)
     check_file(args.data)
     for key, path in (("model", args.model), ("ref", ref)):
         if path:
