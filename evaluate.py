@@ -41,7 +41,8 @@ import torch
 import wlt
 from lib import dist, outputs, runs, synthetic
 from lib.console import WltError, argument_parser, check_ranges, log, one_line
-from lib.data import Skips, in_batches, encode_prompts, pad_id, pair_text, read_pairs, read_prompts, require_chat_template
+from lib.data import (Skips, encode_conversation, encode_prompts, holds_special, in_batches, pad_id, pair_text,
+                      read_pairs, read_prompts, require_chat_template, special_pattern)
 from lib.dist import rank
 from lib.files import dump_jsonl, dump_text, fingerprint, remove_dir, same_settings
 from lib.memory import HostMemory
@@ -315,6 +316,7 @@ class GoldRM:
         self.tok.padding_side = "right"
         self.tok.truncation_side = "left"
         self.fmt = fmt if fmt != "auto" else ("chat" if self.tok.chat_template else "pair")
+        self.specials = special_pattern(self.tok)
         self.path, self.batch_size, self.max_len, self.dev = path, batch_size, max_len, dev
 
     def encode(self, prompt, response) -> dict:
@@ -324,11 +326,14 @@ class GoldRM:
         if self.fmt == "chat":
             msgs = hh_messages(prompt) if isinstance(prompt, str) else list(prompt)
             msgs += [{"role": "assistant", "content": response.strip()}] if isinstance(response, str) else response
+            if holds_special(self.specials, [m["content"] for m in msgs]):  # text stays text (lib.data)
+                return {"input_ids": encode_conversation(self.tok, msgs, False, self.specials)[-self.max_len:]}
             text = self.tok.apply_chat_template(msgs, tokenize=False)
             enc = self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_len)
         else:
-            enc = self.tok(pair_text(prompt).strip(), pair_text(response).strip(), truncation="only_first",
-                           max_length=self.max_len)
+            texts = (pair_text(prompt).strip(), pair_text(response).strip())
+            kw = {"split_special_tokens": True} if holds_special(self.specials, texts) else {}
+            enc = self.tok(*texts, truncation="only_first", max_length=self.max_len, **kw)
         return {k: v for k, v in enc.items() if k != "attention_mask"}
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -476,6 +481,13 @@ def results_markdown(res: dict) -> str:
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
+    with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
+        run(args)
+
+
+def run(args):
+    """The evaluation: every check, sampling each policy, the gold rewards, the tables."""
     if args.run_dir:
         runs.prepare_if_default(args.run_dir, args.dist_timeout)
     cfg = runs.read_run_config(args.run_dir) if args.run_dir else {}
@@ -484,7 +496,12 @@ def main():
     exact_gold = cfg.get("source") == "synthetic" and not args.gold_rm
     if not exact_gold and not args.gold_rm:
         raise WltError("--gold-rm is required outside the synthetic world (an HF sequence-classification reward model)")
+    if not args.policy:  # the run's policies: a final save that a kill cut is completed before they are chosen
+        outputs.check_model_inputs({f"policy {role}": os.path.join(args.run_dir, "student", sub) for role, sub in
+                                    (("sft", "sft"), ("human", "dpo-human"), ("weak", "dpo-weak"))},
+                                   finished_only=False)
     pols = policies(args, cfg)
+    outputs.check_model_inputs({f"--policy {n}": p for n, p in pols.items()})  # finished, and not being written
     weak_path = os.path.join(args.run_dir, "data", "weak.jsonl") if args.run_dir else None
     outputs.check_apart({"--out": args.out}, {**{f"--policy {n}": p for n, p in pols.items()},
                                              "--prompts": args.prompts, "--gold-rm": args.gold_rm,
@@ -493,7 +510,6 @@ def main():
               "weak": fingerprint(weak_path), "gold_rm": fingerprint(args.gold_rm)}
     marker = os.path.join(args.out, "results.json")
     complete = all(os.path.isfile(os.path.join(args.out, f)) for f in ("results.md", "generations.jsonl"))
-    dist.init_distributed(args.dist_timeout)
     # rank 0 decides from its file system and tells the others, so that every rank stops or goes on together
     done = dist.broadcast(rank() == 0 and not args.overwrite and complete
                           and same_settings(marker, vars(args), inputs, ignore=("overwrite", "dist_timeout")))

@@ -28,7 +28,7 @@ from lib.data import Skips, in_batches, pad_id, pair_key, pair_to_row, read_pair
 from lib.dist import rank, world_size
 from lib.files import check_file, dump_jsonl, fingerprint, read_json, remove_dir, same_settings
 from lib.memory import HostMemory
-from lib.models import check_model_dir, fit_max_len, load_model, load_tokenizer, pack_setting
+from lib.models import check_model_dir, check_same_tokenizer, fit_max_len, load_model, load_tokenizer, pack_setting
 from lib.outputs import Partial, run_batches
 from lib.signals import run_main
 
@@ -81,8 +81,13 @@ def parse_args() -> argparse.Namespace:
     args.beta = 0.1 if args.beta is None else args.beta
     args.max_len = 512 if args.max_len is None else args.max_len
     check_ranges(ap, args, beta="> 0", batch_size=">= 1", max_len=">= 1", dist_timeout="> 0")
+    if os.path.realpath(args.model) == os.path.realpath(args.ref):  # labels by a hash of the texts, not a teacher
+        raise WltError(f"--model and --ref are the same model ({args.model}): every reward beta*log(pi_w/pi_ref) would "
+                       f"be 0 and every label a tie; --model is the teacher trained with DPO, --ref the model it "
+                       f"started from")
     outputs.check_apart({"--out": args.out, "--out's summary": runs.summary_path(args.out),
-                         "--out's partial results": args.out + ".partial"},
+                         "--out's partial results": args.out + ".partial",
+                         "--out's lock": outputs.lock_path(args.out)},
                         {"--data": args.data, "--model": args.model, "--ref": args.ref})
     return args
 
@@ -119,8 +124,23 @@ def resolve_teacher(args) -> None:
         args.max_len = cfg.get("max_len", 512)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def teacher_tokenizer(args):
+    """The tokenizer whose ids both models score: --ref's. --model's own, where it has one (a merged checkpoint,
+    or the tokenizer files train_dpo.py writes beside adapter/), must be the same (models.check_same_tokenizer),
+    or one line names both before any weights are read."""
+    tok = load_tokenizer(args.ref, args.trust_remote_code)
+    local = os.path.isdir(args.model)
+    if not local or any(os.path.isfile(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
+        check_same_tokenizer(("--model", args.model, load_tokenizer(args.model, args.trust_remote_code)),
+                             ("--ref", args.ref, tok))
+    return tok
+
+
 def load_teacher(args, dev: torch.device):
-    """(pi_w, pi_ref or None, tokenizer, description). pi_ref None: pi_w with its adapter switched off.
+    """(pi_w, pi_ref or None, description). pi_ref None: pi_w with its adapter switched off.
 
     Each model is read once, in the compute dtype (bf16 on CUDA, fp32 on CPU), and placed on `dev` before
     the next is read (lib.models.load_model). With an adapter there is one model: the base with the adapter
@@ -129,7 +149,6 @@ def load_teacher(args, dev: torch.device):
     has_adapter = os.path.isfile(os.path.join(adapter, "adapter_config.json"))
     for path in (args.ref,) if has_adapter else (args.ref, args.model):  # an adapter-only folder is fine
         check_model_dir(path)
-    tok = load_tokenizer(args.ref, args.trust_remote_code)
     dtype = dist.compute_dtype(dev, args.dtype)
     ref = load_model(args.ref, args.trust_remote_code, dtype, dev).eval()
     if has_adapter:
@@ -137,9 +156,9 @@ def load_teacher(args, dev: torch.device):
         if base and os.path.exists(base) and os.path.abspath(base) != os.path.abspath(args.ref):
             log(f"warning: {adapter} was trained on {base}, applied here on --ref {args.ref}")
         checkpoint.load_adapter(ref, adapter)
-        return ref, None, tok, f"adapter {adapter} on/off over {args.ref}"
+        return ref, None, f"adapter {adapter} on/off over {args.ref}"
     pol = load_model(args.model, args.trust_remote_code, dtype, dev).eval()
-    return pol, ref, tok, f"two models: {args.model} / {args.ref}"
+    return pol, ref, f"two models: {args.model} / {args.ref}"
 
 
 def label_batch(idx: list[int], exs: list[dict], pol, ref, pad: int, share: bool) -> dict:
@@ -183,17 +202,26 @@ def summarize(rows: list[dict], n_rows: int, skips: Skips, fallbacks: int, secon
 
 def main():
     args = parse_args()
-    # ---- checks first, reading only: the models' positions, the output, then models and data (below)
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
+    with outputs.locked(args.out):  # this run alone writes --out and its partial results, to its end
+        run(args)
+
+
+def run(args):
+    """The labeling: every check, the data and the teacher, the log-probs batch by batch, the output."""
+    # ---- checks first, reading only: the models (finished trainings, one tokenizer) and their positions, the
+    # output, then the data (below)
+    outputs.check_model_inputs({"--model": args.model, "--ref": args.ref})
     check_file(args.data)
     check_model_dir(args.ref)
     for flag in ("--ref", "--model"):
         path = getattr(args, flag[2:])
         if os.path.isfile(os.path.join(path, "config.json")):  # an adapter-only folder has no config of its own
             fit_max_len(args, path, flag)
+    tok = teacher_tokenizer(args)
     inputs = {k: fingerprint(getattr(args, k)) for k in ("model", "ref", "data")}
     marker = runs.summary_path(args.out)
     check_out(args)
-    dist.init_distributed(args.dist_timeout)
     # rank 0 decides from its file system and tells the others, so that every rank stops or goes on together
     done = dist.broadcast(rank() == 0 and not args.overwrite and os.path.isfile(args.out)
                           and same_settings(marker, vars(args), inputs, ignore=("overwrite", "dist_timeout")))
@@ -206,7 +234,7 @@ def main():
     skips, locs, layouts = Skips(strict=args.strict), [], []
     pairs = read_pairs(args.data, skips, locs, layouts)
     host = HostMemory([args.ref, args.model], args.trust_remote_code)  # its baseline: code imported, no weights
-    pol, ref, tok, how = load_teacher(args, dev)
+    pol, ref, how = load_teacher(args, dev)
     log(f"teacher: {how}; beta {args.beta}; {world_size()} process(es) on {dev}")
     n_rows = len(pairs) + skips.total()
     exs, fallbacks = tokenize_pairs(tok, pairs, desc=f"tokenize {args.data}")

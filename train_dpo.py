@@ -20,7 +20,7 @@ import time
 import torch
 
 import wlt
-from lib import checkpoint, dist, models, trainer
+from lib import checkpoint, dist, models, outputs, trainer
 from lib.console import check_ranges, progress
 from lib.data import pad_id
 from lib.defaults import DPO_LR
@@ -194,6 +194,13 @@ def reference_logps(args, model, train: list[dict], evals: list[dict], plan: lis
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
+    with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
+        run(args)
+
+
+def run(args):
+    """The run: every check and the data, the model, the loop, the final save."""
     begun = trainer.begin(args, "dpo")  # every check and the data first; only then is --out touched
     if begun is None:  # finished already
         return

@@ -17,7 +17,7 @@ import time
 import torch
 
 import wlt
-from lib import checkpoint, dist, models, trainer
+from lib import checkpoint, dist, models, outputs, trainer
 from lib.console import progress
 from lib.data import pad_id
 from lib.defaults import SFT_LR
@@ -66,6 +66,13 @@ def held_out_loss(model, evals: list[dict], pad: int, pack: bool, args) -> float
 
 def main():
     args = parse_args()
+    dist.init_distributed(args.dist_timeout)  # every process, before rank 0 takes the lock for them
+    with outputs.locked(args.out):  # this run alone writes --out, to its end: a second run on it is refused
+        run(args)
+
+
+def run(args):
+    """The run: every check and the data, the model, the loop, the final save."""
     begun = trainer.begin(args, "sft")  # every check and the data first; only then is --out touched
     if begun is None:  # finished already
         return

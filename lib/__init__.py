@@ -10,8 +10,9 @@
     dist.py        ranks, devices and dtypes, torchrun process groups and collectives, FSDP2 sharding,
                    data-parallel helpers
     memory.py      memory figures: a training rank's parameters and optimizer state, inference host memory
-    outputs.py     the output folder's rules: whose folder it is, outputs apart from inputs, finished outputs
-                   swapped in whole, label.py's and evaluate.py's resumable partial results
+    outputs.py     the output folder's rules: one run per output (its lock), whose folder it is, outputs apart
+                   from inputs, finished outputs switched in whole (a cut switch completed by the next reader),
+                   label.py's and evaluate.py's resumable partial results
     checkpoint.py  HF checkpoints, PEFT-layout adapters, mid-run checkpoints, the cached DPO reference
     runs.py        the run folder: its config, each stage's paths, what must be finished first
     trainer.py     the trainers' chores: flags, a run's start (checks, data), batch plan, optimizer, metrics.jsonl,

@@ -22,7 +22,7 @@ import wlt
 from lib import dist
 from lib.console import WltError, log, one_line
 from lib.dist import barrier, rank, world_size
-from lib.files import atomic_write, read_json, remove_dir, write_json
+from lib.files import atomic_write, read_json, remove_dir, what_changed, write_json
 
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -352,7 +352,8 @@ def _checkpoint_found(out_dir: str, settings: dict, inputs: dict) -> tuple[str |
                 log(f"warning: {path} was saved by {st.get('world_size')} process(es), resumed by {world_size()}: "
                     f"the result will not be bit-equal to an uninterrupted run")
         else:
-            log(f"{path}: made with other settings or inputs; starting from step 0")
+            log(f"{path}: made with other settings or inputs ({what_changed(st, settings, inputs, ignore=())}); "
+                f"starting from step 0")
         break
     return found, step
 

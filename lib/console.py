@@ -75,15 +75,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+# off a terminal, a progress line at least this often while work goes on: a long tenth must not look stuck
+PLAIN_PROGRESS_EVERY_S = 30
+
+
 class _PlainProgress:
     """Progress for a log file, nohup or CI (stderr is not a terminal): one line at the start, then one at each
-    tenth of the work (with the rate so far and the time left at that rate) and at the end, instead of a
-    carriage-return update many times a second."""
+    tenth of the work and at least every PLAIN_PROGRESS_EVERY_S seconds (with the rate so far and the time left at
+    that rate), and one at the end, instead of a carriage-return update many times a second."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.start, self.t0, self.postfix = initial, time.time(), ""
         self.next_tenth = self._tenth(initial) + 1
+        self.last = time.monotonic()
         print(f"{desc}: {initial}/{total} {unit}", file=sys.stderr, flush=True)
 
     def _tenth(self, n: int) -> int:
@@ -91,7 +96,8 @@ class _PlainProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self._tenth(self.n) >= self.next_tenth and self.n < self.total:
+        if self.n < self.total and (self._tenth(self.n) >= self.next_tenth or
+                                    time.monotonic() - self.last >= PLAIN_PROGRESS_EVERY_S):
             self.next_tenth = self._tenth(self.n) + 1
             self._line()
 
@@ -105,6 +111,7 @@ class _PlainProgress:
         print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n // max(1, self.total)}%), "
               f"{dt:.0f} s, {rate:.3g} {self.unit}/s{left}" + (f", {self.postfix}" if self.postfix else ""),
               file=sys.stderr, flush=True)
+        self.last = time.monotonic()
 
     def close(self) -> None:
         if self.total:

@@ -13,16 +13,18 @@ Tokenization, one convention everywhere (docs/data.md says why). Text pairs:
                    tokenizer(response, add_special_tokens=False).input_ids + [eos]   (counted as a fallback)
 Conversational pairs are first rendered by the tokenizer's chat template (render_pair), then tokenized the same
 way without adding special tokens (the rendered text holds them), and EOS is appended only to a response that
-does not already end with it.
+does not already end with it. A special-token string inside a message or a string pair's text is text
+(tokenize_conversation_as_text, split_special_tokens): only the template's markers, BOS and EOS are special.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
-from lib.console import WltError, log, progress
+from lib.console import WltError, log, progress, warn_once
 from lib.files import iter_jsonl
 
 
@@ -385,10 +387,13 @@ def render_pair(tok, pair: dict) -> tuple[str, dict[str, str]]:
 
 def encode_prompts(tok, prompts: list) -> list[list[int]]:
     """Prompt ids by the one convention: a string with the tokenizer's own special tokens (BOS); a conversation
-    rendered by render_prompt, whose text already holds them (no second BOS)."""
-    out = [None] * len(prompts)
-    text = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-    conv = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    rendered by render_prompt, whose text already holds them (no second BOS). Special-token strings in a prompt's
+    text are text (encode_conversation)."""
+    out, specials = [None] * len(prompts), special_pattern(tok)
+    as_text = {i for i, p in enumerate(prompts) if holds_special(specials, [p] if isinstance(p, str) else
+                                                                 [m["content"] for m in p])}
+    text = [i for i, p in enumerate(prompts) if isinstance(p, str) and i not in as_text]
+    conv = [i for i, p in enumerate(prompts) if not isinstance(p, str) and i not in as_text]
     if text:
         for i, ids in zip(text, tok([prompts[i] for i in text]).input_ids):
             out[i] = list(ids)
@@ -396,7 +401,139 @@ def encode_prompts(tok, prompts: list) -> list[list[int]]:
         enc = tok([render_prompt(tok, prompts[i]) for i in conv], add_special_tokens=False).input_ids
         for i, ids in zip(conv, enc):
             out[i] = list(ids)
+    for i in as_text:
+        p = prompts[i]
+        out[i] = (list(tok(p, split_special_tokens=True).input_ids) if isinstance(p, str)
+                  else encode_conversation(tok, p, True, specials))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# text that holds special-token strings. The content of a message, and a string pair's prompt and responses, is
+# text: a special-token string inside it ("<|im_end|>" in a user's message from the web) is tokenized as the
+# characters it is made of, never as the control token, so that data cannot open or close turns of its own. A
+# chat template's own markers stay special. Only a row that holds such a string takes this path: every other row
+# is tokenized exactly as before, by one call of the tokenizer on the whole text.
+
+_SENTINEL = "\ue000{}\ue001"  # a message's place in a rendering: private-use characters, which no template writes
+_SENTINELS = re.compile("\ue000(\\d+)\ue001")
+
+
+def special_pattern(tok):
+    """The strings a tokenizer reads as one control token wherever they occur in text (its added tokens marked
+    special: BOS, EOS, a chat template's turn markers), as one pattern, longest first; None when it has none."""
+    strings = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    strings |= set(getattr(tok, "all_special_tokens", []))
+    strings = sorted((s for s in strings if s), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+
+def holds_special(specials, texts) -> bool:
+    """Whether any of the texts holds a special-token string (specials: special_pattern's)."""
+    return specials is not None and any(specials.search(t) for t in texts)
+
+
+def contents(pair: dict) -> list[str]:
+    """The text a pair's author wrote: its strings, or its messages' contents (not the roles a template uses)."""
+    return [m["content"] for k in ("prompt", "chosen", "rejected") for m in pair[k]] if is_conversational(pair) \
+        else [pair[k] for k in ("prompt", "chosen", "rejected")]
+
+
+def render_marked(tok, messages: list, generation_prompt: bool) -> tuple[str, list[tuple[int, int]]] | None:
+    """The chat template's rendering of `messages` and the character spans of their contents in it: rendered once
+    as it is and once with each content replaced by a sentinel, the template's own text being what lies between
+    the sentinels. A content the template trims of white space is found trimmed. None where the template changes a
+    content otherwise (then what is content cannot be told)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    marked = [dict(m, content=_SENTINEL.format(i)) for i, m in enumerate(messages)]
+    parts = _SENTINELS.split(tok.apply_chat_template(marked, tokenize=False, add_generation_prompt=generation_prompt))
+    if not text.startswith(parts[0]):
+        return None
+    pos, spans = len(parts[0]), []
+    for k in range(1, len(parts), 2):  # parts: template text, message index, template text, ...
+        c, after = messages[int(parts[k])]["content"], parts[k + 1]
+        for seen in dict.fromkeys((c, c.strip(), c.lstrip(), c.rstrip())):
+            if text.startswith(seen, pos) and text.startswith(after, pos + len(seen)):
+                break
+        else:
+            return None
+        spans.append((pos, pos + len(seen)))
+        pos += len(seen) + len(after)
+    return (text, spans) if pos == len(text) else None
+
+
+def encode_marked(tok, text: str, spans: list[tuple[int, int]], specials) -> list[int]:
+    """Token ids of a rendered conversation whose content spans are text: the special-token strings outside them
+    (the template's) become their ids, and each stretch between two of those is tokenized as text, the special
+    strings in it included (split_special_tokens), as the tokenizer tokenizes a stretch between special tokens."""
+    cuts, start = [], 0
+    for s, e in [*spans, (len(text), len(text))]:
+        cuts += list(specials.finditer(text, start, s)) if specials is not None else []
+        start = e
+    ids, start = [], 0
+    for m in cuts:
+        if m.start() > start:
+            ids += tok(text[start:m.start()], add_special_tokens=False, split_special_tokens=True).input_ids
+        ids.append(tok.convert_tokens_to_ids(m.group()))
+        start = m.end()
+    if start < len(text):
+        ids += tok(text[start:], add_special_tokens=False, split_special_tokens=True).input_ids
+    return ids
+
+
+def _clip(spans: list[tuple[int, int]], a: int) -> list[tuple[int, int]]:
+    """Spans of a text as spans of its part from character a on."""
+    return [(max(s, a) - a, e - a) for s, e in spans if e > a]
+
+
+def _faithful(tok, messages: list, specials) -> bool:
+    """Whether encode_marked tokenizes these messages, their special-token strings taken out, exactly as the
+    tokenizer does their whole rendering: true of tokenizers that tokenize each stretch between special tokens
+    on its own (byte-level BPE: GPT-2, Llama-3, Qwen, SmolLM2); not of one that marks only the start of a text."""
+    clean = [dict(m, content=specials.sub("", m["content"])) for m in messages]
+    r = render_marked(tok, clean, False)
+    return r is not None and encode_marked(tok, *r, specials) == tok(r[0], add_special_tokens=False).input_ids
+
+
+def tokenize_conversation_as_text(tok, pair: dict, specials) -> tuple[dict | str, int]:
+    """A conversational pair that holds special-token strings, tokenized by the convention with its contents as
+    text: (row as tokenize_pairs makes it, or the reason it is skipped; responses tokenized alone)."""
+    try:
+        prompt = render_marked(tok, pair["prompt"], True)
+        full = {k: render_marked(tok, pair["prompt"] + pair[k], False) for k in ("chosen", "rejected")}
+    except Exception as e:  # the template's own checks (e.g. roles must alternate) raise from jinja
+        return f"the chat template rejects the conversation ({type(e).__name__})", 0
+    if prompt is None or None in full.values() or not _faithful(tok, pair["prompt"] + pair["chosen"], specials):
+        return ("a message holds a special-token string, which this tokenizer and chat template cannot keep as "
+                "text"), 0
+    if not all(f[0].startswith(prompt[0]) for f in full.values()):
+        return "the rendered prompt is not the opening of the rendered conversation", 0
+    p_ids, n, fallbacks = encode_marked(tok, *prompt, specials), len(prompt[0]), 0
+    row = {"prompt_ids": p_ids}
+    for k, (text, spans) in full.items():
+        joint = encode_marked(tok, text, spans, specials)
+        if joint[:len(p_ids)] == p_ids:
+            r = joint[len(p_ids):]
+        else:
+            fallbacks += 1
+            r = encode_marked(tok, text[n:], _clip(spans, n), specials)
+        row[f"{k}_ids"] = r + ([] if text[n:].rstrip().endswith(tok.eos_token) else [tok.eos_token_id]) if r else []
+    return row, fallbacks
+
+
+def encode_conversation(tok, messages: list, generation_prompt: bool, specials) -> list[int]:
+    """Token ids of a rendered conversation (evaluate.py's prompts and reward-model inputs), its contents as text
+    where they hold special-token strings; where the template does not allow that, as the template renders it,
+    with a warning (a prompt to evaluate cannot be left out)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if holds_special(specials, [m["content"] for m in messages]):
+        r = render_marked(tok, messages, generation_prompt)
+        if r is not None and _faithful(tok, messages, specials):
+            return encode_marked(tok, *r, specials)
+        warn_once(("special text", id(tok)), f"a message holds a special-token string that tokenizer "
+                  f"{getattr(tok, 'name_or_path', '')!r} and its chat template cannot keep as text: tokenized as the "
+                  f"template renders it")
+    return tok(text, add_special_tokens=False).input_ids
 
 
 def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokenize") -> tuple[list[dict], int]:
@@ -410,15 +547,23 @@ def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokeni
         raise WltError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one")
     if any(is_conversational(p) for p in pairs):
         require_chat_template(tok, desc)
-    out, fallbacks = [], 0
+    out, fallbacks, specials = [], 0, special_pattern(tok)
     bar = progress(len(pairs), desc, "pair") if len(pairs) >= 4 * batch else None
     for s in range(0, len(pairs), batch):
         chunk = pairs[s:s + batch]
-        # each pair as text: (prompt, {response}, special tokens added by the tokenizer?, EOS already there?)
+        # each pair as text: (prompt, {response}, special tokens added by the tokenizer?, EOS already there?,
+        # special-token strings in it read as text?); a skip's reason; or (a conversation that holds special-token
+        # strings) its row, tokenized already
         texts = []
         for p in chunk:
+            as_text = holds_special(specials, contents(p))
             if not is_conversational(p):
-                texts.append((p["prompt"], {k: p[k] for k in ("chosen", "rejected")}, True, {}))
+                texts.append((p["prompt"], {k: p[k] for k in ("chosen", "rejected")}, True, {}, as_text))
+                continue
+            if as_text:
+                row, n = tokenize_conversation_as_text(tok, p, specials)
+                texts.append(row)
+                fallbacks += n
                 continue
             try:
                 prompt, resp = render_pair(tok, p)
@@ -426,13 +571,14 @@ def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokeni
                 texts.append(str(e))
                 continue
             # ChatML's "<|im_end|>\n": the end-of-turn token, then the template's newline
-            texts.append((prompt, resp, False, {k: r.rstrip().endswith(tok.eos_token) for k, r in resp.items()}))
-        for special in (True, False):
-            sel = [j for j, t in enumerate(texts) if isinstance(t, tuple) and t[2] == special]
+            texts.append((prompt, resp, False, {k: r.rstrip().endswith(tok.eos_token) for k, r in resp.items()}, False))
+        for special, as_text in ((True, False), (False, False), (True, True)):
+            sel = [j for j, t in enumerate(texts) if isinstance(t, tuple) and t[2] == special and t[4] == as_text]
             if not sel:
                 continue
-            p_ids = tok([texts[j][0] for j in sel], add_special_tokens=special).input_ids
-            enc = {k: tok([texts[j][0] + texts[j][1][k] for j in sel], add_special_tokens=special).input_ids
+            kw = {"split_special_tokens": True} if as_text else {}  # only then: other rows as they always were
+            p_ids = tok([texts[j][0] for j in sel], add_special_tokens=special, **kw).input_ids
+            enc = {k: tok([texts[j][0] + texts[j][1][k] for j in sel], add_special_tokens=special, **kw).input_ids
                    for k in ("chosen", "rejected")}
             for m, j in enumerate(sel):
                 row = {"prompt_ids": list(p_ids[m])}
@@ -442,7 +588,7 @@ def tokenize_pairs(tok, pairs: list[dict], batch: int = 512, desc: str = "tokeni
                         r = list(joint[n:])
                     else:
                         fallbacks += 1
-                        r = tok(texts[j][1][k], add_special_tokens=False).input_ids
+                        r = tok(texts[j][1][k], add_special_tokens=False, **kw).input_ids
                     row[f"{k}_ids"] = r + ([] if texts[j][3].get(k) else [eos]) if r else []
                 texts[j] = row
         for t in texts:

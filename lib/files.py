@@ -140,3 +140,23 @@ def same_settings(marker: str, settings: dict, inputs: dict, ignore=("resume",))
         return False
     return prev.get("inputs") == inputs and all(
         prev.get("args", {}).get(k) == v for k, v in settings.items() if k not in ignore)
+
+
+# how the inputs a stage records are named in a message (evaluate.py's are not flags of one name)
+INPUT_NAMES = {"policies": "--policy", "weak": "the run's weak labels", "gold_rm": "--gold-rm"}
+
+
+def what_changed(prev: dict, settings: dict, inputs: dict, ignore=("resume",), limit: int = 4) -> str:
+    """The settings and inputs that differ from a record (a marker or a checkpoint's: {"args", "inputs"}), as a
+    message names them: "--lr 0.001 -> 0.002, --data (its file changed)". At most `limit` of them, then how many
+    more."""
+    def shown(v) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+    was, had = prev.get("args") or {}, prev.get("inputs") or {}
+    flags = [k for k, v in settings.items() if k not in ignore and was.get(k) != v]
+    out = [f"--{k.replace('_', '-')} {shown(was.get(k))} -> {shown(settings[k])}" for k in flags]
+    out += [f"{INPUT_NAMES.get(k, '--' + k)} (its files changed)" for k, v in inputs.items()
+            if had.get(k) != v and k not in flags]  # a path given anew is said once, above
+    if not out:
+        return "nothing named"
+    return ", ".join(out[:limit]) + (f" and {len(out) - limit} more" if len(out) > limit else "")

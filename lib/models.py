@@ -3,6 +3,8 @@ building the model a trainer trains on every process (meta-device skeleton, FSDP
 from __future__ import annotations
 
 import os
+import pickle
+import re
 
 import torch
 import torch.nn as nn
@@ -25,9 +27,15 @@ def check_model_dir(path: str) -> None:
         check_weights(path, names)
 
 
+# the pickled weight files from_pretrained reads when a folder has no safetensors weights
+PICKLED_WEIGHTS = re.compile(r"pytorch_model(-\d{5}-of-\d{5})?\.bin")
+
+
 def check_weights(path: str, names: list[str]) -> None:
     """Read the header of each safetensors file of a model folder (a few KB): a cut or damaged file is a
-    one-line error before anything is loaded or written."""
+    one-line error before anything is loaded or written. A folder of pickled weights (pytorch_model*.bin, read
+    only where it has no safetensors weights) is read as transformers reads it, with torch.load(weights_only=True),
+    memory-mapped (the tensors are not read): a pickle that would run code, or a damaged file, is one line too."""
     from safetensors import SafetensorError, safe_open
     for n in sorted(names):
         if n.endswith(".safetensors"):
@@ -37,6 +45,47 @@ def check_weights(path: str, names: list[str]) -> None:
             except (SafetensorError, OSError) as e:
                 raise WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save "
                                    f"the model again") from None
+    if any(n.startswith("model") and n.endswith(".safetensors") for n in names):
+        return
+    for n in sorted(n for n in names if PICKLED_WEIGHTS.fullmatch(n)):
+        try:
+            torch.load(os.path.join(path, n), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # names something other than tensors and plain data
+            what = re.search(r"GLOBAL (\S+)", str(e))
+            raise WltError(f"{os.path.join(path, n)}: a pickle that holds more than weights"
+                           f"{f' (it calls {what.group(1)})' if what else ''}, refused unread: loading it would run "
+                           f"its code; where you trust it, save the model as safetensors (save_pretrained)") from None
+        except (RuntimeError, OSError, EOFError) as e:
+            raise WltError(f"{os.path.join(path, n)}: damaged weights file ({one_line(e)}); copy or save the model "
+                           f"again") from None
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """What would make the same token ids mean other text to two tokenizers, or None when nothing does: the
+    vocabulary (every token's id, added tokens included) and the ids of BOS and EOS, which every sequence starts
+    or ends with. The rest (files, their dates, padding side, chat template, model_max_length) may differ."""
+    for name in ("bos", "eos"):
+        x, y = getattr(a, f"{name}_token_id", None), getattr(b, f"{name}_token_id", None)
+        if x != y:
+            return f"{name.upper()} id {x} vs {y}"
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"{len(va)} vs {len(vb)} tokens"
+    other = [t for t, i in va.items() if vb.get(t) != i]
+    if other:
+        t = min(other, key=va.get)
+        return f"{len(other)} token(s) with other ids, e.g. {t!r}: {va[t]} vs {vb.get(t)}"
+    return None
+
+
+def check_same_tokenizer(a: tuple, b: tuple) -> None:
+    """Two models used together score the same token ids, made by one tokenizer: (flag, path, tokenizer) of each
+    must agree (tokenizer_difference), or one line names both, before any weights are read."""
+    diff = tokenizer_difference(a[2], b[2])
+    if diff:
+        raise WltError(f"{a[0]} {a[1]} and {b[0]} {b[1]} have different tokenizers ({diff}): one model would score "
+                       f"token ids that mean other text to it; use models of one tokenizer (a reference and the "
+                       f"policy trained from it)")
 
 
 def load_error(what: str, path: str, e: Exception) -> WltError:

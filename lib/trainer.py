@@ -17,8 +17,9 @@ from lib import checkpoint, dist, memory, outputs, runs, tracking
 from lib.console import WltError, argument_parser, check_ranges, log
 from lib.data import Skips, read_pairs, tokenize_pairs, usable_pairs
 from lib.dist import rank, world_size
-from lib.files import appended_rows, check_file, fingerprint, remove_dir, same_settings, write_json, write_text
-from lib.models import check_model_dir, fit_max_len, load_tokenizer
+from lib.files import (appended_rows, check_file, fingerprint, read_json, remove_dir, same_settings, what_changed,
+                       write_json, write_text)
+from lib.models import check_model_dir, check_same_tokenizer, fit_max_len, load_tokenizer
 
 
 def argument_parser_for(doc: str, kind: str) -> argparse.ArgumentParser:
@@ -105,6 +106,11 @@ RANGES = {"lr": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "micro_batch_siz
           "eval_pairs": ">= 0", "eval_every": ">= 1", "save_every": ">= 0", "dist_timeout": "> 0"}
 
 
+# settings a run's config.json may not give: each is the user's decision, made on the command line
+COMMAND_LINE_ONLY = {"trust_remote_code": "allows a model's own code",
+                     "overwrite": "may replace a finished output or write into a folder of other files"}
+
+
 def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[argparse.Namespace, dict]:
     """Parse the flags. With --teacher/--student, model/data/out come from the role in the run folder (the
     script's ROLES: role -> (model, data, out) relative to the run folder) and the defaults from its config.json;
@@ -121,9 +127,10 @@ def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[a
         runs.prepare_if_default(run, args.dist_timeout)
         given = {k: getattr(args, k) for k in ("model", "data", "out")}
         d = runs.run_defaults(run, script, role)
-        if "trust_remote_code" in d:  # loading a model's code is the user's decision, on the command line
-            raise WltError(f"{os.path.join(run, 'config.json')}: sets trust_remote_code (train.{script}.{role}); "
-                               f"remove it: only --trust-remote-code on the command line allows a model's own code")
+        for name, what in COMMAND_LINE_ONLY.items():  # the user's decisions, on the command line
+            if name in d:
+                raise WltError(f"{os.path.join(run, 'config.json')}: sets {name} (train.{script}.{role}); remove it: "
+                               f"only --{name.replace('_', '-')} on the command line {what}")
         d.update(runs.role_paths(run, roles[key], given), run_dir=run)
         ap.set_defaults(**{k: v for k, v in d.items() if k in vars(args)})
         extra = {k: v for k, v in d.items() if k not in vars(args)}
@@ -134,8 +141,12 @@ def parse_args(ap: argparse.ArgumentParser, script: str, roles: dict) -> tuple[a
         if getattr(args, k) is None:
             ap.error(f"--{k} is required (or --teacher / --student: a stage of the run in --run-dir)")
     check_ranges(ap, args, **RANGES)
-    outs = {"--out": args.out, "--out's staging folder": outputs.staging(args.out)}
+    outs = {"--out": args.out, "--out's staging folder": outputs.staging(args.out),
+            "--out's replaced folder": outputs.replaced(args.out), "--out's lock": outputs.lock_path(args.out)}
     outputs.check_apart(outs, {f"--{k}": getattr(args, k, None) for k in ("model", "data", "ref")})
+    if os.path.islink(args.out.rstrip(os.sep)):  # the final switch exchanges folders: it would move the link
+        raise WltError(f"--out {args.out} is a symbolic link; pass the folder it points to, "
+                       f"{os.path.realpath(args.out)}")
     return args, extra
 
 
@@ -269,34 +280,55 @@ def checkpoint_settings(args) -> dict:
                                                               "report_to", "overwrite", "dist_timeout")}
 
 
+def finished_run(marker: str, settings: dict, inputs: dict) -> tuple[bool, bool, str]:
+    """Whether `marker` marks a finished run in --out, whether it has the same settings and inputs, and if not,
+    which differ (files.what_changed)."""
+    if not os.path.isfile(marker):
+        return False, False, ""
+    ignore = ("resume", "save_every", "overwrite", "report_to", "dist_timeout")
+    if same_settings(marker, settings, inputs, ignore=ignore):
+        return True, True, ""
+    try:
+        prev = read_json(marker)
+    except (OSError, json.JSONDecodeError):
+        return True, False, "its train_config.json is unreadable"
+    return True, False, what_changed(prev if isinstance(prev, dict) else {}, settings, inputs, ignore)
+
+
 def begin(args, kind: str) -> tuple | None:
-    """Start of a training run: every check first, then --out. Reads only: --out's owner, the model's config
-    (--max-len capped to its positions) and tokenizer, whether --out holds a finished run, and the data (read,
-    tokenized, the held-out slice carved). Returns None when there is nothing to do: a finished run with the same
-    settings and unchanged inputs. Only then is --out touched: marked as this trainer's (written_by.json), and,
-    unless --resume, cleared of an old mid-run checkpoint. A finished output stays whole and marked until
-    save_final swaps the new one in. Returns (the inputs' fingerprints, tokenizer, train pairs, held-out pairs,
-    data stats)."""
+    """Start of a training run, under --out's lock (the script holds it, outputs.locked): every check first,
+    then --out. Reads only: --out's owner, the models (a trainer's output must be finished; a cut final switch is
+    completed first) with their configs (--max-len capped to the positions) and tokenizers (--model and --ref must
+    share one), whether --out holds a finished run, and the data (read, tokenized, the held-out slice carved).
+    Returns None when there is nothing to do: a finished run with the same settings and unchanged inputs. Only
+    then is --out touched: marked as this trainer's (written_by.json), and, unless --resume, cleared of an old
+    mid-run checkpoint. A finished output stays whole and marked until save_final switches the new one in.
+    Returns (the inputs' fingerprints, tokenizer, train pairs, held-out pairs, data stats)."""
     script = f"train_{kind}.py"
     tracking.require(args.report_to)  # a missing tracker package stops the run before it starts
-    dist.init_distributed(args.dist_timeout)
     marker = os.path.join(args.out, "train_config.json")
-    if rank() == 0:  # a kill between the renames of the last swap: complete it (it loses nothing)
+    if rank() == 0 and outputs.cut_swap(args.out):  # a kill inside the last switch of --out: complete it
         outputs.finish_swap(args.out, "train_config.json")
+        log(f"--out {args.out}: completed the final save that a kill had cut (the new output switched in whole)")
     dist.barrier()
-    outputs.check_owner(args.out, script, args.overwrite)
+    ref = getattr(args, "ref", None) if not getattr(args, "reference_free", False) else None
+    outputs.check_model_inputs({"--model": args.model, "--ref": ref})
+    # whose folder --out is: rank 0 looks and every rank gets its verdict (the ranks of several nodes may see
+    # other files there)
+    outputs.on_rank_0(outputs.check_owner, args.out, script, args.overwrite, folders=outputs.TRAINER_FOLDERS)
     check_file(args.data)
-    for key in ("model", "ref"):
-        path = getattr(args, key, None)
-        if path and not (key == "ref" and getattr(args, "reference_free", False)):
+    for key, path in (("model", args.model), ("ref", ref)):
+        if path:
             check_model_dir(path)
             fit_max_len(args, path, f"--{key}")
+    tok = None
+    if ref and os.path.abspath(ref) != os.path.abspath(args.model):  # the reference scores the policy's token ids
+        tok = load_tokenizer(args.model, args.trust_remote_code)
+        check_same_tokenizer(("--model", args.model, tok), ("--ref", ref, load_tokenizer(ref, args.trust_remote_code)))
     inputs = {k: fingerprint(getattr(args, k, None)) for k in ("model", "data", "ref")}
-    # whether --out holds a finished run, and of the same settings: rank 0 decides from its file system and tells
-    # the others (ranks that saw different files would run different collectives and hang)
-    finished, same = dist.broadcast((os.path.isfile(marker), same_settings(
-        marker, vars(args), inputs, ignore=("resume", "save_every", "overwrite", "report_to", "dist_timeout")))
-        if rank() == 0 else None)
+    # whether --out holds a finished run, of the same settings, and what changed: rank 0 decides from its file
+    # system and tells the others (ranks that saw different files would run different collectives and hang)
+    finished, same, changed = dist.broadcast(finished_run(marker, vars(args), inputs) if rank() == 0 else None)
     if finished:
         if same and not args.overwrite:
             log(f"{args.out}: finished run with the same settings and inputs found; nothing to do (--overwrite "
@@ -305,13 +337,13 @@ def begin(args, kind: str) -> tuple | None:
                 checkpoint.remove_checkpoints(args.out)
             return None
         if not (args.resume or args.overwrite):
-            raise WltError(f"{args.out}: holds a finished run of other settings or inputs; nothing done. Pass "
-                               f"--overwrite to train again (the finished run stays until the new one is complete), "
-                               f"or choose another --out")
+            raise WltError(f"{args.out}: holds a finished run of other settings or inputs ({changed}); nothing done. "
+                           f"Pass --overwrite to train again (the finished run stays until the new one is complete), "
+                           f"or choose another --out")
         log(f"{args.out}: " + ("training again (--overwrite)" if same else
-                               "settings or inputs changed since the finished run there; training again")
+                               f"settings or inputs changed since the finished run there ({changed}); training again")
             + "; the finished run stays there until the new one is complete")
-    tok = load_tokenizer(args.model, args.trust_remote_code)
+    tok = tok or load_tokenizer(args.model, args.trust_remote_code)
     train, evals, stats = load_examples(args, tok, kind)
     steps = len(batch_plan(len(train), args.batch_size, args.epochs, args.seed, args.max_steps))
     if args.save_every and args.save_every < steps:  # mid-run checkpoints need a recent torch: say so now
@@ -329,7 +361,7 @@ def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, 
     an HF checkpoint; with LoRA, the merged model plus adapter/ in PEFT's layout. Then train_config.json, last:
     the script, the resolved settings (trust_remote_code among them), data counts, per-rank memory, the inputs'
     fingerprints and the files of the output; its presence marks a complete output. All of it is written into
-    OUT.staging/ beside --out and swapped in whole (outputs.swap_in); then the mid-run checkpoint is removed. The
+    OUT.staging/ beside --out and switched in whole (outputs.swap_in); then the mid-run checkpoint is removed. The
     model is written as a user publishes it: in the dtype it came in (or --save-dtype), in shards."""
     stats["memory"] = memory.memory_report(model, opt)  # per-rank shards: 1/N of one process's under FSDP2
     opt.state.clear()  # the AdamW moments are not needed any more: room for the gathered and cast weights
@@ -351,7 +383,8 @@ def save_final(args, model: nn.Module, tok, unique_keys: set, opt, stats: dict, 
                 checkpoint.save_hf_checkpoint(stage, sd, model, tok, unique_keys, dtype, args.max_shard_size)
             write_json(os.path.join(stage, "train_config.json"),
                        {"script": f"train_{'dpo' if hasattr(args, 'beta') else 'sft'}.py", "args": vars(args),
-                        "data": stats, "inputs": inputs, "files": sorted(os.listdir(stage))})
+                        "data": stats, "inputs": inputs, "files": sorted(os.listdir(stage)),
+                        "generation": outputs.next_generation(args.out, "train_config.json")})
         except BaseException:  # a failure or a signal while writing: no half-written staging folder stays
             remove_dir(stage)
             raise

@@ -82,6 +82,16 @@ def tiny_config(family: str, vocab_size: int):
 FAMILIES = ["opt", "gpt2", "llama", "gpt_neox"]
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread while a test runs scripts in its own process on tiny models: their steps are too small
+    for threads to share, and on a busy machine threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     return make_bpe_tokenizer()

@@ -13,10 +13,13 @@ the process set to kill itself (SIGKILL: no cleanup, no flush) at an exact point
         fingerprints differ from rank 0's
     python tests/inject.py deterministic SCRIPT ARGS...  torch.use_deterministic_algorithms(True) in every rank:
         an op that would sum in no fixed order on CUDA raises instead
+    python tests/inject.py swap:N SCRIPT ARGS...           just before the N-th step of a trainer's final switch
+        (lib.outputs.swap_in: each rename, the exchange of the two folders, the deletion of the previous output)
 
 Points combine with commas (deterministic,step:5). RANK (default 0) is the torchrun rank that dies (or
 signals, or is slow, or sees other files); the others run on. The project's scripts hold no test hooks: the
-point is found through torch's global optimizer step hooks and by wrapping library functions.
+point is found through torch's global optimizer step hooks and by wrapping library functions (for swap:N, the
+file operations that lib.outputs.swap_in calls: kill_in_swap, which a test can also use in a process of its own).
 
 In-process (a script's main() called by a test): `with crash_before_update(N): ...` raises Crash just before
 the N-th optimizer update of this process, through the same hook; the run stops there, as a killed one does."""
@@ -48,6 +51,33 @@ def kill_self():
 def term_parent():
     os.kill(os.getppid(), signal.SIGTERM)
     time.sleep(1)
+
+
+def kill_in_swap(n: int) -> None:
+    """SIGKILL this process just before the n-th step of lib.outputs.swap_in (os.replace, os.rename,
+    outputs._exchange, shutil.rmtree, counted while swap_in runs)."""
+    import shutil
+    from lib import outputs
+    inside, before = [False], on_call(n, kill_self)
+
+    def counted(fn):
+        def step(*args, **kwargs):
+            if inside[0]:
+                before()
+            return fn(*args, **kwargs)
+        return step
+
+    os.replace, os.rename, shutil.rmtree = counted(os.replace), counted(os.rename), counted(shutil.rmtree)
+    outputs._exchange = counted(outputs._exchange)
+    swap_in = outputs.swap_in
+
+    def watched(*args, **kwargs):
+        inside[0] = True
+        try:
+            return swap_in(*args, **kwargs)
+        finally:
+            inside[0] = False
+    outputs.swap_in = watched
 
 
 class Crash(Exception):
@@ -127,9 +157,11 @@ def inject(point: str) -> None:
                 time.sleep(float(n))
                 return load(*args, **kwargs)
             models.load_model = slow_load
+        elif kind == "swap":
+            kill_in_swap(int(n))
         else:
             raise SystemExit(f"inject.py: unknown point {point!r} (step:N, term:N, batch:N, slow:SECONDS, skew:PATH, "
-                             f"deterministic)")
+                             f"deterministic, swap:N)")
 
 
 if __name__ == "__main__":

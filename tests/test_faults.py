@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -239,3 +241,161 @@ def test_older_torch_is_named_in_one_line(monkeypatch):
     monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
     with pytest.raises(WltError, match=r"need a torch whose .*HuggingFaceStorageWriter.*this is torch .*--save-every 0"):
         checkpoint.require_dcp()
+
+
+def final_files(folder: str) -> dict:
+    """relative path -> SHA-256 of each file of the final output in `folder` (the entries its marker lists)."""
+    import hashlib
+    out = {}
+    for name in json.load(open(os.path.join(folder, "train_config.json")))["files"] + ["train_config.json"]:
+        path = os.path.join(folder, name)
+        for f in ([path] if os.path.isfile(path) else glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+            if os.path.isfile(f):
+                out[os.path.relpath(f, folder)] = hashlib.sha256(open(f, "rb").read()).hexdigest()
+    return out
+
+
+def test_a_kill_at_any_step_of_the_final_switch(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """A finished SFT output (with a file of the user's in it) trained again with other settings and SIGKILLed
+    inside its final switch (tests/inject.py swap:N, from outside), at every step of it: each rename of the run's
+    and the user's files into the new folder, the exchange of the two folders, the renames of file systems that
+    cannot exchange, the deletion of the previous output. At every step the folder is the old output whole or
+    the new one whole, or absent (only between the two renames where there is no exchange); a stage that reads it
+    (label.py, as typed) completes the switch and reads the new output, and so does the trainer's rerun: the new
+    output whole, the run's files and the user's beside it, nothing left over. The trainer itself is killed at the
+    switch's first step (a subprocess); the later steps are cut in forked children of this process, which finish
+    that same switch (outputs.finish_swap, what every later start runs) and are killed at step N."""
+    import inject
+    from as_typed import run_case
+    from lib import outputs
+    data = str(tmp_path / "pairs.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps({"prompt": f"Human: question {i}? Assistant:", "chosen": f" good {i}.",
+                                 "rejected": f" bad {i}"}) + "\n" for i in range(12))
+    model = tiny_model_dir("llama")
+    base = ["--model", model, "--data", data, "--batch-size", "4", "--eval-pairs", "0", "--max-steps", "2"]
+    src = str(tmp_path / "src" / "sft")
+    monkeypatch.chdir(ROOT)
+    assert run_case("train_sft.py", [*base, "--out", src])[0] == 0
+    open(os.path.join(src, "notes.txt"), "w").write("the user's own notes\n")
+    old = final_files(src)
+    p = run_script(INJECT, "swap:1", SFT, *base, "--lr", "1e-3", "--resume", "--out", src, check=False)
+    assert p.returncode == KILLED, p.stderr[-2000:]
+    new = final_files(outputs.staging(src))
+    assert final_files(src) == old and old != new  # the trainer died before the first step: the old one, whole
+
+    states = []
+    for exchange in (True, False):
+        for n in range(1, 20):
+            d = str(tmp_path / f"{'x' if exchange else 'r'}{n}")
+            shutil.copytree(os.path.dirname(src), d, symlinks=True)
+            out = os.path.join(d, "sft")
+            pid = os.fork()
+            if pid == 0:  # the child: file operations only, then gone
+                try:
+                    if not exchange:
+                        outputs._exchange = lambda a, b: False  # a file system that cannot exchange folders
+                    inject.kill_in_swap(n)
+                    outputs.finish_swap(out, "train_config.json")
+                finally:
+                    os._exit(0)
+            killed = os.WIFSIGNALED(os.waitpid(pid, 0)[1])
+            if os.path.isfile(os.path.join(out, "train_config.json")):
+                assert final_files(out) in (old, new), (exchange, n)
+                looks = "new" if final_files(out) == new else "old"
+            else:
+                assert not exchange and not os.path.exists(out), n  # only between the two renames
+                looks = "absent"
+            where = [p for p in (out, outputs.staging(out)) if os.path.isfile(os.path.join(p, "notes.txt"))]
+            assert len(where) == 1, (exchange, n)  # the user's file: in one of the two folders, never lost
+            states.append((d, looks))
+            if not killed:
+                break
+        assert n >= 5, n  # the steps were reached: 3 files moved, the switch, the deletion
+    assert {looks for _, looks in states} == {"old", "new", "absent"}
+
+    for d, looks in [*states, (os.path.dirname(src), "old")]:  # what reads it next: label.py; the trainer's rerun
+        out = os.path.join(d, "sft")
+        cut = outputs.cut_swap(out)
+        assert cut or looks == "new"  # the old one whole always has the new one staged beside it
+        if out == src:  # the same command again (a copy elsewhere would be another --out: trained again)
+            code, stdout, stderr = run_case("train_sft.py", [*base, "--lr", "1e-3", "--resume", "--out", out])
+            assert code == 0 and "nothing to do" in stdout, (looks, stderr[-2000:])
+        else:
+            code, stdout, stderr = run_case("label.py", ["--model", out, "--ref", model, "--data", data,
+                                                         "--out", os.path.join(d, "w.jsonl")])
+            assert code == 0, (looks, stderr[-2000:])
+        assert ("completed the final save that a kill had cut" in stdout) == cut, (looks, stdout)
+        assert final_files(out) == new
+        assert {"notes.txt", "metrics.jsonl", "written_by.json"} <= set(os.listdir(out))
+        assert open(os.path.join(out, "notes.txt")).read() == "the user's own notes\n"
+        # nothing left over; the killed trainer's lock stays until a run takes it over (one that completes a switch)
+        left = {"sft"} | ({"w.jsonl", "w.summary.json"} if out != src else set()) | (set() if cut else {"sft.lock"})
+        assert set(os.listdir(d)) == left, (looks, os.listdir(d))
+
+
+def test_names_beside_a_folder_no_trainer_wrote_are_left_alone(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """A stage reading a model folder that no trainer wrote never takes the user's folders named like a switch's
+    (M.staging/ holding a trainer's finished output, M.replaced/) for a cut switch: nothing moved or deleted."""
+    from as_typed import run_case, snapshot
+    model = shutil.copytree(tiny_model_dir("gpt2"), str(tmp_path / "m"))
+    shutil.copytree(model, str(tmp_path / "m.staging"))
+    json.dump({"script": "train_sft.py", "args": {}, "files": ["model.safetensors"]},
+              open(str(tmp_path / "m.staging" / "train_config.json"), "w"))
+    os.makedirs(str(tmp_path / "m.replaced"))
+    open(str(tmp_path / "m.replaced" / "mine.txt"), "w").write("the user's own\n")
+    open(str(tmp_path / "m.lock"), "w").write("")  # even beside a lock file
+    before = snapshot(str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    code, _, stderr = run_case("label.py", ["--model", model, "--ref", tiny_model_dir("llama"), "--data",
+                                            str(tmp_path / "goood.jsonl"), "--out", str(tmp_path / "w.jsonl")])
+    assert code == 1 and "goood.jsonl: no such file" in stderr, stderr
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_one_run_per_output_under_torchrun_and_after_a_kill(tiny_model_dir, tmp_path, monkeypatch,
+                                                            one_thread):
+    """A trainer under torchrun (2 processes) holds its --out: rank 0 alone takes OUT.lock, naming itself; a second
+    run on that --out, as typed, is refused with one line naming the first, and changes nothing. Rank 0
+    SIGKILLed (no cleanup runs): the lock stays, its process gone; the same command again takes it over with a word
+    and trains."""
+    import subprocess
+    from as_typed import run_case, snapshot
+    data = str(tmp_path / "pairs.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps({"prompt": f"Human: question {i}? Assistant:", "chosen": f" good {i}.",
+                                 "rejected": f" bad {i}"}) + "\n" for i in range(12))
+    out = str(tmp_path / "sft")
+    base = ["--model", tiny_model_dir("llama"), "--data", data, "--eval-pairs", "0", "--out", out]
+    first = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SFT,
+                              *base, "--batch-size", "2", "--epochs", "1000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        holder = {}
+        for _ in range(600):  # until rank 0 has taken the lock
+            try:
+                holder = json.load(open(out + ".lock"))
+                break
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        assert holder.get("processes") == 2, holder
+        assert "RANK=0" in open(f"/proc/{holder['pid']}/environ").read().split("\0")  # rank 0 holds it
+        monkeypatch.chdir(ROOT)
+        before = snapshot(str(tmp_path))
+        code, stdout, stderr = run_case("train_sft.py", [*base, "--max-steps", "1"])
+        assert code == 1 and stderr.strip().splitlines() == [
+            f"error: --out {out} is in use by another run: `{holder['command']}` (process {holder['pid']} on host "
+            f"{holder['host']}, 2 processes, since {holder['since']}); wait for it to end, or choose another --out"]
+        assert snapshot(str(tmp_path)) == before
+        os.kill(holder["pid"], signal.SIGKILL)
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.terminate()  # torchrun passes it on to its processes
+            first.wait(timeout=60)
+    assert json.load(open(out + ".lock"))["pid"] == holder["pid"]  # left behind by the kill
+    code, stdout, stderr = run_case("train_sft.py", [*base, "--max-steps", "1"])
+    assert code == 0, stderr[-2000:]
+    assert f"--out {out}: the run that held it, `{holder['command']}` (process {holder['pid']}" in stdout
+    assert "is gone (killed?); taking its lock over" in stdout
+    assert os.path.isfile(os.path.join(out, "train_config.json")) and not os.path.exists(out + ".lock")

@@ -232,14 +232,16 @@ def test_command_line_errors(teacher, tmp_path):
 
 def test_ties_are_not_broken_by_the_human_order(teacher, tmp_path):
     """pi_w == pi_ref: every reward is exactly 0. The labels must then come from the fixed hash of the texts,
-    not from the input order (which is the human label): a teacher that learnt nothing must not copy it."""
+    not from the input order (which is the human label): a teacher that learnt nothing must not copy it. (pi_w is
+    a copy of pi_ref: the same folder as both is refused.)"""
     import hashlib
     pairs = [{"prompt": f"\n\nHuman: question {i}\n\nAssistant:", "chosen": f" answer {i}", "rejected": f" other {i}"}
              for i in range(8)]
     data = str(tmp_path / "pairs.jsonl")
     write_jsonl(data, pairs)
     out = str(tmp_path / "weak.jsonl")
-    p = run_script(LABEL, "--model", teacher["ref"], "--ref", teacher["ref"], "--data", data, "--out", out)
+    same = shutil.copytree(teacher["ref"], str(tmp_path / "same"))
+    p = run_script(LABEL, "--model", same, "--ref", teacher["ref"], "--data", data, "--out", out)
     assert "8 pair(s) with exactly equal rewards" in p.stdout
     rows = read_jsonl(out)
     want = [hashlib.sha256((q["chosen"] + "\0" + q["rejected"]).encode()).digest()[0] < 128 for q in pairs]
@@ -249,7 +251,7 @@ def test_ties_are_not_broken_by_the_human_order(teacher, tmp_path):
     # the tie-break is a function of the unordered pair: the humans' order swapped, the same text wins
     swapped = str(tmp_path / "swapped.jsonl")
     write_jsonl(swapped, [dict(q, chosen=q["rejected"], rejected=q["chosen"]) for q in pairs])
-    run_script(LABEL, "--model", teacher["ref"], "--ref", teacher["ref"], "--data", swapped, "--out", out)
+    run_script(LABEL, "--model", same, "--ref", teacher["ref"], "--data", swapped, "--out", out)
     again = read_jsonl(out)
     assert [r["chosen"] for r in again] == [r["chosen"] for r in rows]
     assert [r["human_agrees"] for r in again] == [not w for w in want]

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,9 +41,50 @@ def evil_model(folder: str, model: str, sentinel: str) -> str:
     return folder
 
 
+def other_tokenizer_model(folder: str) -> str:
+    """A tiny GPT-2 whose tokenizer is another BPE (400 tokens, not the suite's 300)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from conftest import make_bpe_tokenizer, tiny_config
+    tok = make_bpe_tokenizer(400)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tok))).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def swapped_ids_model(folder: str, model: str) -> str:
+    """A copy of `model` whose tokenizer gives two tokens each other's ids: as many tokens, other text per id."""
+    shutil.copytree(model, folder)
+    path = os.path.join(folder, "tokenizer.json")
+    tj = json.load(open(path))
+    vocab = tj["model"]["vocab"]
+    a, b = sorted((t for t, i in vocab.items() if i in (100, 101)), key=vocab.get)
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    json.dump(tj, open(path, "w"))
+    return folder
+
+
+def pickled_model(folder: str, model: str) -> str:
+    """A copy of `model` whose weights are a pytorch_model.bin pickle that would call os.system when unpickled."""
+    import torch
+    from safetensors.torch import load_file
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ("echo this pickle ran code",)
+    shutil.copytree(model, folder)
+    sd = load_file(os.path.join(folder, "model.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    torch.save({**sd, "extra": RunsCode()}, os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
 def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     """One process runs the setup (a finished SFT, DPO and labels on a GPT-2 with 128 positions) and then every
-    row (tests/as_typed.py), each watched by hashing the whole folder before and after."""
+    row (tests/as_typed.py), each watched by hashing the whole folder before and after. Outputs in use are held
+    by this test's process (the lock a run takes, outputs.locked) while the rows run."""
+    from lib import outputs
     w = str(tmp_path / "w")
     os.makedirs(w)
     j = lambda *p: os.path.join(w, *p)  # noqa: E731
@@ -67,6 +109,23 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
     write_pairs(j("run", "data", "labeled.jsonl"))
     json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": evil, "trust_remote_code": True}}}},
               open(j("run", "config.json"), "w"))
+    other = other_tokenizer_model(j("other"))
+    swapped = swapped_ids_model(j("swapped"), model)
+    pickled = pickled_model(j("pickled"), model)
+    os.makedirs(j("run2"))
+    json.dump({"source": "x.jsonl", "train": {"train_sft.py": {"teacher": {"model": model, "overwrite": True}}}},
+              open(j("run2", "config.json"), "w"))
+    for sub, name in (("adapter", "adapter_model.safetensors"), ("checkpoint", "state.pt")):  # the user's own
+        os.makedirs(j("mine", sub))
+        open(j("mine", sub, name), "w").write("the user's own\n")
+    os.makedirs(j("killed"))  # what a trainer killed before its first checkpoint leaves
+    json.dump({"script": "train_sft.py"}, open(j("killed", "written_by.json"), "w"))
+    open(j("killed", "metrics.jsonl"), "w").write('{"step": 1, "loss": 5.0}\n')
+    being_trained = shutil.copytree(model, j("model2"))
+    json.dump({"host": "node-7", "boot": "another machine", "pid": 4242, "since": "2026-12-06 10:00:00",
+               "processes": 8, "command": "train_sft.py --out far"}, open(j("far.lock"), "w"))  # a shared FS
+    os.makedirs(j("elsewhere"))
+    os.symlink(j("elsewhere"), j("outlink"))
     sft, dpo, weak, missing = j("sft"), j("dpo"), j("weak.jsonl"), j("goood.jsonl")
     small = ["--batch-size", "4", "--eval-pairs", "0", "--max-steps", "2"]
     S = ["--model", sft, "--data", data]  # train_dpo.py from the finished SFT
@@ -124,16 +183,61 @@ def test_each_row_of_the_table(tmp_path, tiny_model_dir):
         ("train_dpo.py", [*S, "--out", dpo, *small], 0, "finished run with the same settings and inputs found; "
                                                         "nothing to do (--overwrite trains again)"),
         ("train_dpo.py", [*S, "--out", dpo, *small, "--lr", "1e-3"], 1,
-         "holds a finished run of other settings or inputs; nothing done. Pass --overwrite"),
+         "holds a finished run of other settings or inputs (--lr 5e-05 -> 0.001); nothing done. Pass --overwrite"),
         ("label.py", [*L, "--data", data, "--out", weak], 0, "already labeled with the same settings and inputs"),
         ("train_sft.py", ["--teacher", "--run-dir", j("run")], 1,
          f"{j('run', 'config.json')}: sets trust_remote_code (train.train_sft.py.teacher); remove it"),
+        ("train_dpo.py", [*S, "--ref", other, "--out", j("o")], 1,
+         f"--model {sft} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("label.py", ["--model", dpo, "--ref", other, "--data", data, "--out", j("o.jsonl")], 1,
+         f"--model {dpo} and --ref {other} have different tokenizers (300 vs 400 tokens)"),
+        ("train_dpo.py", [*S, "--ref", swapped, "--out", j("o")], 1,
+         f"--model {sft} and --ref {swapped} have different tokenizers (2 token(s) with other ids, e.g. "),
+        ("label.py", ["--model", sft, "--ref", sft, "--data", data, "--out", j("o.jsonl")], 1,
+         f"--model and --ref are the same model ({sft}): every reward beta*log(pi_w/pi_ref) would be 0 and every "
+         f"label a tie; --model is the teacher trained with DPO, --ref the model it started from"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("busy")], 1,
+         f"--out {j('busy')} is in use by another run: `"),
+        ("label.py", [*L, "--data", data, "--out", j("busy.jsonl")], 1, f"--out {j('busy.jsonl')} is in use by "
+                                                                          f"another run: `"),
+        ("evaluate.py", ["--policy", f"a={dpo}", "--prompts", data, "--gold-rm", model, "--out", j("busy")], 1,
+         f"--out {j('busy')} is in use by another run: `"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("far")], 1,
+         f"--out {j('far')} is locked by `train_sft.py --out far` (process 4242 on host node-7, 8 processes, since "
+         f"2026-12-06 10:00:00), which cannot be checked from host {socket.gethostname()}; if that run has ended, "
+         f"remove {j('far.lock')} and run again"),
+        ("train_dpo.py", ["--model", being_trained, "--data", data, "--out", j("o")], 1,
+         f"--model {being_trained} is being written by another run: `"),
+        ("train_dpo.py", ["--model", j("killed"), "--data", data, "--out", j("o")], 1,
+         f"--model {j('killed')}: an unfinished output of train_sft.py (no train_config.json: its run stopped before "
+         f"the end); rerun the command that trains {j('killed')} with --resume to finish it, or give a finished model"),
+        ("evaluate.py", ["--policy", f"a={j('killed')}", "--prompts", data, "--gold-rm", model, "--out", j("ev")], 1,
+         f"--policy a {j('killed')}: an unfinished output of train_sft.py"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("outlink")], 1,
+         f"--out {j('outlink')} is a symbolic link; pass the folder it points to, {j('elsewhere')}"),
+        ("train_sft.py", ["--model", model, "--data", data, "--out", j("notes.txt", "o")], 1,
+         f"--out {j('notes.txt', 'o')}: {j('notes.txt')} is a file, not a folder; choose another --out"),
+        ("label.py", [*L, "--data", data, "--out", j("notes.txt", "w.jsonl")], 1, f"{j('notes.txt')} is a file, not a "
+                                                                                  f"folder"),
+        ("evaluate.py", ["--policy", f"a={dpo}", "--prompts", data, "--gold-rm", model, "--out", j("notes.txt", "e")],
+         1, f"{j('notes.txt')} is a file, not a folder"),
+        ("train_sft.py", ["--model", pickled, "--data", data, "--out", j("o")], 1,
+         f"{j('pickled', 'pytorch_model.bin')}: a pickle that holds more than weights (it calls posix.system), "
+         f"refused unread"),
+        ("train_sft.py", ["--teacher", "--run-dir", j("run2")], 1,
+         f"{j('run2', 'config.json')}: sets overwrite (train.train_sft.py.teacher); remove it: only --overwrite on the "
+         f"command line"),
+        ("train_dpo.py", [*S, "--out", j("mine"), "--overwrite"], 1,
+         f"--out {j('mine')}: --overwrite would replace {j('mine', 'adapter')}/ and {j('mine', 'checkpoint')}/, which "
+         f"no trainer wrote; move them out of the folder, or choose another --out"),
     ]
     cases = [{"script": s, "argv": a, "watch": w} for s, a in setup] + \
             [{"script": s, "argv": a, "watch": w} for s, a, _, _ in rows]
     json.dump(cases, open(str(tmp_path / "cases.json"), "w"))
-    run_script(os.path.join(ROOT, "tests", "as_typed.py"), str(tmp_path / "cases.json"), str(tmp_path / "res.json"),
-               env={"OMP_NUM_THREADS": "1"})
+    with outputs.locked(j("busy")), outputs.locked(j("busy.jsonl")), outputs.locked(being_trained):
+        run_script(os.path.join(ROOT, "tests", "as_typed.py"), str(tmp_path / "cases.json"),
+                   str(tmp_path / "res.json"), env={"OMP_NUM_THREADS": "1"})
+    assert [n for n in os.listdir(w) if n.endswith(".lock")] == ["far.lock"]  # every lock released; far's kept
     res = json.load(open(str(tmp_path / "res.json")))
     for r, (s, a) in zip(res, setup):
         assert r["code"] == 0, (s, r["stderr"][-2000:])
@@ -251,3 +355,97 @@ def test_swap_in_replaces_only_the_final_output(tmp_path):
     assert [open(os.path.join(out, n)).read() for n in ("model.safetensors", "config.json", "notes.txt")] == \
         ["new", "new", "mine"]
     assert not os.path.exists(stage)
+
+
+def test_out_in_a_folder_that_cannot_be_written(tmp_path, tiny_model_dir, monkeypatch):
+    """--out in a read-only folder: one line naming it, before any model or tokenizer is read, and nothing made.
+    As root the kernel lets every write through, so there the folder refuses from outside the code as it refuses
+    any other user (EACCES from os.open and os.mkdir below it)."""
+    import errno
+    import transformers
+    from as_typed import run_case
+    data = write_pairs(str(tmp_path / "pairs.jsonl"))
+    ro, model = str(tmp_path / "ro"), tiny_model_dir("gpt2")
+    os.makedirs(ro)
+    os.chmod(ro, 0o555)
+    if os.geteuid() == 0:
+        def refuse(fn):
+            def call(path, *args, **kwargs):
+                if os.path.abspath(path).startswith(ro + os.sep):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+                return fn(path, *args, **kwargs)
+            return call
+        monkeypatch.setattr(os, "open", refuse(os.open))
+        monkeypatch.setattr(os, "mkdir", refuse(os.mkdir))
+    loads = []  # nothing of a model is read: its config, tokenizer or weights
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    for script, argv in (("train_sft.py", ["--model", model, "--data", data, "--out", "ro/sft"]),
+                         ("train_dpo.py", ["--model", model, "--data", data, "--out", "ro/new/dpo"]),
+                         ("label.py", ["--model", model, "--ref", tiny_model_dir("llama"), "--data", data, "--out",
+                                       "ro/weak.jsonl"]),
+                         ("evaluate.py", ["--policy", f"a={model}", "--prompts", data, "--gold-rm", model, "--out",
+                                          "ro/eval"])):
+        code, stdout, stderr = run_case(os.path.join(ROOT, script), argv)
+        where = "ro/new" if "new" in argv[-1] else "ro"
+        assert code == 1 and stderr.strip().splitlines() == [
+            f"error: --out {argv[-1]}: " + (f"cannot create folder {where} (Permission denied); choose another --out"
+                                            if "new" in argv[-1] else
+                                            f"cannot write in {where} (Permission denied); choose a folder you can "
+                                            f"write in")], (script, stderr)
+    assert not loads and os.listdir(ro) == []
+    os.chmod(ro, 0o755)
+
+
+def test_resume_names_what_changed(tmp_path, tiny_model_dir, monkeypatch, capsys, one_thread):
+    """--resume after a changed flag or input: the checkpoint it cannot use is named with what changed, before
+    the run starts over; so is a finished output trained again, and label.py's partial results started over."""
+    import inject
+    import train_sft
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    out = str(tmp_path / "sft")
+    base = ["--model", tiny_model_dir("llama"), "--data", data, "--out", out, "--eval-pairs", "0", "--batch-size",
+            "2", "--save-every", "1", "--max-steps", "4", "--lr", "1e-3"]
+    with pytest.raises(inject.Crash), inject.crash_before_update(3):
+        in_process(monkeypatch, "train_sft.py", base)
+    capsys.readouterr()
+    in_process(monkeypatch, "train_sft.py", [*base, "--lr", "2e-3", "--resume"])
+    assert (f"{os.path.join(out, 'checkpoint')}: made with other settings or inputs (--lr 0.001 -> 0.002); "
+            f"starting from step 0") in capsys.readouterr().out
+    write_pairs(data, PAIRS[2:])
+    in_process(monkeypatch, "train_sft.py", [*base, "--lr", "2e-3", "--resume", "--max-len", "64"])
+    assert (f"{out}: settings or inputs changed since the finished run there (--max-len 128 -> 64, --data (its files "
+            f"changed)); training again") in capsys.readouterr().out
+    assert train_sft  # imported for in_process
+
+
+def test_progress_in_a_log_file_every_30_seconds(tmp_path, tiny_model_dir, monkeypatch, one_thread):
+    """Off a terminal (stderr to a file) a progress line comes at each tenth of the work and also once 30 s
+    have passed since the last line: a run whose tenth takes long does not look stuck. The clock is advanced from
+    outside (31 s per reading of lib.console's monotonic clock): a line at every step."""
+    from as_typed import run_case
+    from lib import console
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), PAIRS[1:])
+    argv = ["--model", tiny_model_dir("llama"), "--data", data, "--eval-pairs", "0", "--batch-size", "1",
+            "--epochs", "4", "--max-len", "64"]  # 44 steps: a tenth is 4.4 of them
+
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def monotonic():
+            Clock.now += 31
+            return Clock.now
+        time = staticmethod(time.time)
+
+    monkeypatch.chdir(ROOT)
+    lines = {}
+    for clock in ("real", "slow"):
+        if clock == "slow":
+            monkeypatch.setattr(console, "time", Clock)
+        code, _, stderr = run_case("train_sft.py", [*argv, "--out", str(tmp_path / clock)])
+        assert code == 0, stderr[-2000:]
+        lines[clock] = [x for x in stderr.splitlines() if x.startswith("sft: ")]
+    assert len(lines["real"]) == 11  # the start, the 9 tenths before the last, the end
+    assert [x.split()[1] for x in lines["slow"]] == [f"{k}/44" for k in range(45)]  # every step

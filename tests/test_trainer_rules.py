@@ -52,7 +52,8 @@ def test_resume_checks_inputs_and_restarts_cleanly(tmp_path, tiny_model_dir, mon
     assert cfg["data"]["pairs"] == 14
 
     # other settings without --resume: refused, nothing done, until --overwrite
-    with pytest.raises(WltError, match="holds a finished run of other settings or inputs; nothing done"):
+    with pytest.raises(WltError, match=r"holds a finished run of other settings or inputs \(.*--lora-rank \d+ -> 0"
+                                       r".*\); nothing done"):
         run(monkeypatch, train_dpo, *argv[:-1], "--lora-rank", "0")
 
     # a crash after the start leaves the finished run whole and marked finished (the new one would have been
